@@ -1,0 +1,81 @@
+"""Random SD 1.x checkpoints of a named size, and the offline demo that fuses two of them.
+
+`tiny` is small enough that a whole fusion runs on a laptop CPU in seconds; `sd15` has Stable Diffusion 1.5's
+exact shapes (an 860M-parameter UNet) for tests and benchmarks of the real sizes. The weights are random, so
+the images are abstract; what the demo shows is the machinery (and it is the same code path real weights take).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .clip import CLIPTextConfig, CLIPTextModel
+from .ddim import alphas_cumprod
+from .tokenizer import write_tiny_vocab
+from .unet import UNetConfig, UNetModel
+from .vae import VAEConfig, VAEDecoder
+
+CONFIGS = {
+    "tiny": (UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
+                        context_dim=128), CLIPTextConfig(vocab_size=1000, width=128, layers=2),
+             VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)),
+    "sd15": (UNetConfig(), CLIPTextConfig(), VAEConfig()),
+}
+
+
+def perturb_(module: torch.nn.Module, gen: torch.Generator, scale: float = 0.1) -> torch.nn.Module:
+    """Add noise to every parameter, so norms are not exactly 1 and biases not 0: no default init can hide a
+    wiring mistake from a parity test."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale * (1.0 if p.dim() == 1 else p.std().item()))
+    return module
+
+
+def random_state_dict(config: str, seed: int = 0, dtype=torch.float32) -> dict:
+    """A random LDM-layout state dict (`model.diffusion_model.*`, `cond_stage_model.transformer.*`,
+    `first_stage_model.*` plus the schedule buffers real files carry) for a named config."""
+    ucfg, ccfg, vcfg = CONFIGS[config]
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    sd = {"alphas_cumprod": alphas_cumprod()}
+    for prefix, module in (("model.diffusion_model.", UNetModel(ucfg)),
+                           ("cond_stage_model.transformer.", CLIPTextModel(ccfg)),
+                           ("first_stage_model.", VAEDecoder(vcfg))):
+        perturb_(module, gen)
+        sd.update({prefix + k: v.to(dtype).contiguous() for k, v in module.state_dict().items()})
+        del module
+    sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(ccfg.max_positions)[None]
+    return sd
+
+
+def write_checkpoint(path, config: str = "tiny", seed: int = 0, dtype=torch.float32) -> Path:
+    """Write a random checkpoint as LDM `.safetensors` (atomically: a temporary name, then a rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(random_state_dict(config, seed, dtype), str(tmp), metadata={"magicfusion": f"random {config} seed {seed}"})
+    tmp.replace(path)
+    return path
+
+
+def ensure_demo_weights(folder) -> tuple[Path, Path, Path]:
+    """The two tiny demo checkpoints and their tokenizer in `folder`, made deterministically if absent."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = folder / "demo-tokenizer"
+    if not (tok / "merges.txt").exists():
+        tmp = folder / "demo-tokenizer.tmp"
+        tmp.mkdir(exist_ok=True)
+        write_tiny_vocab(tmp)
+        assert len(json.loads((tmp / "vocab.json").read_text())) <= CONFIGS["tiny"][1].vocab_size
+        tmp.replace(tok)
+    paths = []
+    for name, seed in (("demo-general", 1), ("demo-expert", 2)):
+        p = folder / f"{name}.safetensors"
+        if not p.exists():
+            write_checkpoint(p, "tiny", seed)
+        paths.append(p)
+    return paths[0], paths[1], tok

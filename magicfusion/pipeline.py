@@ -38,6 +38,11 @@ class Model:
     vae: VAEDecoder
     tokenizer: CLIPTokenizer
     name: str = "model"
+    graphs: dict = field(default_factory=dict, repr=False)  # captured CUDA graphs of sampling steps (graph.py)
+
+    def release_graphs(self) -> None:
+        """Free the captured step graphs and their memory pools."""
+        self.graphs.clear()
 
     @property
     def device(self) -> torch.device:
@@ -117,7 +122,23 @@ def predict(unet: UNetModel, x: torch.Tensor, t: torch.Tensor, context: torch.Te
     return u, c
 
 
-def fused_step(unets: list, contexts: list, x: torch.Tensor, i, tab: Tables, scale: float, opts: FuseOptions):
+def predict_all(unets: list, contexts: list, x: torch.Tensor, t: torch.Tensor, streams=None) -> list:
+    """Every model's (u, c); with CUDA `streams` (one per model) the passes are issued on their own streams,
+    forked from and joined back into the current one, so independent kernels can run side by side."""
+    if streams is None:
+        return [predict(unet, x, t, ctx) for unet, ctx in zip(unets, contexts)]
+    main, out = torch.cuda.current_stream(), []
+    for unet, ctx, stream in zip(unets, contexts, streams):
+        stream.wait_stream(main)
+        with torch.cuda.stream(stream):
+            out.append(predict(unet, x, t, ctx))
+    for stream in streams:
+        main.wait_stream(stream)
+    return out
+
+
+def fused_step(unets: list, contexts: list, x: torch.Tensor, i, tab: Tables, scale: float, opts: FuseOptions,
+               streams=None):
     """One sampling step for one or more models -> (next latents, (B, h, w) winner index).
 
     `i` is the step number: a Python int in the eager loop, a 0-dim device tensor inside the CUDA graph. An int
@@ -130,7 +151,7 @@ def fused_step(unets: list, contexts: list, x: torch.Tensor, i, tab: Tables, sca
         u, c = predict(unets[opts.outside], x, t, contexts[opts.outside])
         eps, index = guidance(u, c, scale), torch.full_like(x[:, 0], opts.outside, dtype=torch.int64)
     else:
-        pairs = [predict(unet, x, t, ctx) for unet, ctx in zip(unets, contexts)]
+        pairs = predict_all(unets, contexts, x, t, streams)
         uncond, cond = [p[0] for p in pairs], [p[1] for p in pairs]
         if opts.blend == "average":
             eps = sum(guidance(u, c, scale) for u, c in pairs) / n
@@ -172,11 +193,9 @@ def sample(models: list, prompts: list, negative_prompt: str = "", steps: int = 
     if graph is None:
         graph = device.type == "cuda"
     bar = tqdm(total=steps, disable=None if progress else True, desc="sampling", unit="step", leave=False)
-    if graph:
-        from .graph import graph_runner
-        runner = graph_runner(unets, contexts, x, tab, guidance_scale, opts)
-        masks = runner.run(x, contexts, tab, bar)
-        x = runner.x.clone()
+    if graph:  # on CPU the same runner steps without capture (that is how the tests check it)
+        from .graph import graph_for
+        x, masks = graph_for(models, contexts, x, tab, guidance_scale, opts).run(x, contexts, tab, bar)
     else:
         masks = []
         for i in range(steps):

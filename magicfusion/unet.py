@@ -167,19 +167,23 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x, size=None):
+        # `size`: the next skip's size, so latents whose side is not a multiple of 8 come back to their shape
+        return self.conv(F.interpolate(x, size=size, mode="nearest") if size else
+                         F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class TimestepEmbedSequential(nn.ModuleList):
     """One UNet block: layers applied in order, each given what it needs (emb for ResBlocks, text for attention)."""
 
-    def forward(self, x, emb, context):
+    def forward(self, x, emb, context, up_size=None):
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, up_size)
             else:
                 x = layer(x)
         return x
@@ -231,5 +235,6 @@ class UNetModel(nn.Module):
             skips.append(x)
         x = self.middle_block(x, emb, context)
         for block in self.output_blocks:
-            x = block(torch.cat([x, skips.pop()], dim=1), emb, context)
+            x = torch.cat([x, skips.pop()], dim=1)
+            x = block(x, emb, context, up_size=skips[-1].shape[-2:] if skips else None)
         return self.out(x)

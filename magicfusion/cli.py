@@ -1,0 +1,283 @@
+"""The `magicfusion` command: `generate` (one model), `fuse` (MagicFusion), `demo` (offline, built-in weights).
+
+Bad input ends with one line on stderr (`magicfusion: error: ...`) and exit status 2, before anything is
+written. Every file is written under a temporary name and renamed into place, and existing files are kept
+unless --overwrite is given. PNGs carry their settings in a `parameters` text chunk, AUTOMATIC1111-style.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from .errors import InputError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise InputError(f"{message}; see `{self.prog} --help`")
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", help="folder with CLIP's vocab.json + merges.txt (default: $MAGICFUSION_TOKENIZER, "
+                   "then weights/tokenizer/; a diffusers folder brings its own)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--seed", type=int, default=0, help="0..2**64-1, or -1 for a random seed (reported)")
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--clip-skip", type=int, default=0, help="stop the text encoder N layers early (A1111's "
+                   "'Clip skip 2' is 1)")
+    p.add_argument("--ema", action="store_true", help="use the EMA UNet weights of a full-EMA .ckpt")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16")
+    p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture the sampling step as one CUDA graph (default: on with CUDA)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="magicfusion", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    g = sub.add_parser("generate", help="text to image with one SD 1.x model")
+    g.add_argument("--model", required=True, help="SD 1.x .safetensors/.ckpt file or diffusers folder")
+    add_common(g)
+    g.add_argument("--out", required=True, help="output PNG (with --batch > 1: NAME-0.png, NAME-1.png, ...)")
+    f = sub.add_parser("fuse", help="MagicFusion: blend a general and an expert model by saliency")
+    f.add_argument("--general", required=True, help="the general model (file or diffusers folder)")
+    f.add_argument("--expert", required=True, action="append", help="an expert model; repeat for several")
+    add_common(f)
+    f.add_argument("--expert-prompt", action="append", help="the expert's prompt (default: --prompt); one per expert")
+    f.add_argument("--kg", type=float, default=1.0, help="softmax scale of the general model's saliency")
+    f.add_argument("--ke", type=float, action="append", help="softmax scale of the expert's saliency (default 1.0)")
+    f.add_argument("--no-blur", dest="blur", action="store_false", help="skip the 4x4 box blur of the saliency")
+    f.add_argument("--fuse-from", type=int, default=1000, help="SNB at steps with fuse_until < t <= fuse_from")
+    f.add_argument("--fuse-until", type=int, default=-1)
+    f.add_argument("--outside", choices=("general", "expert"), default="general",
+                   help="whose noise is used outside the fusion window")
+    f.add_argument("--saliency-reference", choices=("general", "own"), default="general",
+                   help="unconditional prediction the expert's response is measured against")
+    f.add_argument("--blend", choices=("argmax", "average"), default="argmax")
+    f.add_argument("--out", required=True, help="output folder: fused.png, general.png, expert.png, masks.png")
+    f.add_argument("--fused-only", action="store_true", help="skip the single-model comparison images")
+    d = sub.add_parser("demo", help="fuse two tiny built-in random models offline, on the CPU")
+    d.add_argument("--out", default=None, help="output folder (default: out/demo, replaced on each run)")
+    d.add_argument("--weights", default="weights", help="where the demo checkpoints live (made if absent)")
+    d.add_argument("--overwrite", action="store_true")
+    d.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA GPU is available to this PyTorch; use --device cpu")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise InputError(f"unknown dtype {name!r}; use auto, float32, float16 or bfloat16")
+    return DTYPES[name]
+
+
+def quote(value) -> str:
+    """A1111 quotes values that would break its `key: value, ...` line."""
+    s = str(value)
+    return json.dumps(s) if any(ch in s for ch in ',:"\n') else s
+
+
+def parameters(prompt: str, negative: str, a, seed: int, model: str, extra: dict = None) -> str:
+    fields = {"Steps": a.steps, "Sampler": "DDIM", "CFG scale": a.guidance, "Seed": seed,
+              "Size": f"{a.width}x{a.height}", "Model": model}
+    if a.eta:
+        fields["Eta"] = a.eta
+    if a.clip_skip:
+        fields["Clip skip"] = a.clip_skip + 1  # A1111 counts the last layer as 1
+    fields.update(extra or {})
+    line = ", ".join(f"{k}: {quote(v)}" for k, v in fields.items())
+    return f"{prompt}\nNegative prompt: {negative}\n{line}"
+
+
+def numbered(path: Path, n: int) -> list:
+    return [path] if n == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
+
+
+def check_writable(paths: list, overwrite: bool) -> None:
+    for p in paths:
+        if p.exists() and not overwrite:
+            raise InputError(f"{p} already exists; pass --overwrite to replace it or choose another --out")
+        if p.exists() and p.is_dir():
+            raise InputError(f"{p} is a folder; --out must name a file")
+        parent = p.parent
+        if not parent.is_dir():
+            raise InputError(f"cannot write {p}: folder {parent} does not exist; create it or choose another --out")
+        if not os.access(parent, os.W_OK):
+            raise InputError(f"cannot write {p}: folder {parent} is not writable; choose another --out")
+
+
+def save_all(items: list) -> None:
+    """[(path, image, parameters)] -> PNGs, each written to a temporary name and renamed into place."""
+    for path, image, params in items:
+        tmp = path.with_name(f".{path.name}.tmp")
+        info = PngInfo()
+        if params:
+            info.add_text("parameters", params)
+        try:
+            image.save(tmp, format="PNG", pnginfo=info)
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise InputError(f"cannot write {path}: {e.strerror or e}; choose another --out") from None
+
+
+def mask_grid(masks: list, n_models: int, scale: int = 4) -> Image.Image:
+    """One tile per step (row-major), each the (B, h, w) winner map side by side: white where the general model
+    won, black where the (first) expert did, grays for further experts, mid-gray where `average` mixed."""
+    import numpy as np
+    steps = len(masks)
+    b, h, w = masks[0].shape
+    cols = math.ceil(math.sqrt(steps))
+    rows = math.ceil(steps / cols)
+    tile_w, tile_h = b * (w * scale + 1), h * scale + 1
+    canvas = np.full((rows * tile_h + 1, cols * tile_w + 1), 96, dtype=np.uint8)
+    levels = np.array([255] + [int(200 * (1 - i / max(n_models - 1, 1))) for i in range(1, n_models)], dtype=np.uint8)
+    for i, m in enumerate(masks):
+        m = m.numpy().astype(np.int64)
+        shade = np.where(m == 255, 128, levels[np.clip(m, 0, n_models - 1)]).astype(np.uint8)
+        shade = shade.repeat(scale, axis=1).repeat(scale, axis=2)
+        r, c = divmod(i, cols)
+        for j in range(b):
+            y, x = r * tile_h + 1, c * tile_w + 1 + j * (w * scale + 1)
+            canvas[y:y + h * scale, x:x + w * scale] = shade[j]
+    return Image.fromarray(canvas)
+
+
+def load_models(a, paths: list, device, dtype) -> list:
+    from .checkpoint import load
+    return [load(p, tokenizer=a.tokenizer, device=device, dtype=dtype, ema=a.ema) for p in paths]
+
+
+def say(a, message: str) -> None:
+    if not a.quiet:
+        print(message, file=sys.stderr)
+
+
+def run_generate(a) -> None:
+    from .pipeline import generate, validate
+    device = pick_device(a.device)
+    dtype = pick_dtype(a.dtype, device)
+    validate(a.steps, a.guidance, a.eta, 0 if a.seed == -1 else a.seed, a.height, a.width, a.batch)
+    out = Path(a.out)
+    if out.suffix.lower() != ".png":
+        raise InputError(f"--out {out}: the output must be a .png file")
+    paths = numbered(out, a.batch)
+    check_writable(paths, a.overwrite)
+    (model,) = load_models(a, [a.model], device, dtype)
+    images, seed = generate(model, a.prompt, a.negative_prompt, a.steps, a.guidance, a.eta, a.seed, a.height,
+                            a.width, a.batch, a.clip_skip, a.graph, not a.quiet, return_seed=True)
+    params = parameters(a.prompt, a.negative_prompt, a, seed, model.name)
+    save_all([(p, im, params) for p, im in zip(paths, images)])
+    say(a, f"seed {seed}: wrote {', '.join(map(str, paths))}")
+
+
+def run_fuse(a) -> None:
+    from .pipeline import fuse, generate, validate
+    device = pick_device(a.device)
+    dtype = pick_dtype(a.dtype, device)
+    validate(a.steps, a.guidance, a.eta, 0 if a.seed == -1 else a.seed, a.height, a.width, a.batch)
+    n = len(a.expert)
+    eprompts = a.expert_prompt or [a.prompt] * n
+    kes = a.ke or [1.0] * n
+    if len(eprompts) == 1 and n > 1:
+        eprompts = eprompts * n
+    if len(kes) == 1 and n > 1:
+        kes = kes * n
+    if len(eprompts) != n or len(kes) != n:
+        raise InputError(f"{n} experts need {n} --expert-prompt and --ke values (or one of each for all)")
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; fuse writes a folder of images")
+    names = ["fused"] + ([] if a.fused_only else ["general"] + (["expert"] if n == 1 else
+                                                               [f"expert{i + 1}" for i in range(n)]))
+    targets = {name: numbered(out / f"{name}.png", a.batch) for name in names}
+    if a.blend == "argmax":
+        targets["masks"] = [out / "masks.png"]
+    out.mkdir(parents=True, exist_ok=True)
+    check_writable([p for ps in targets.values() for p in ps], a.overwrite)
+    models = load_models(a, [a.general] + a.expert, device, dtype)
+    general, experts = models[0], models[1:]
+    common = dict(negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance, eta=a.eta,
+                  height=a.height, width=a.width, batch=a.batch, clip_skip=a.clip_skip, graph=a.graph,
+                  progress=not a.quiet)
+    result = fuse(general, experts, a.prompt, eprompts, seed=a.seed, kg=a.kg, ke=kes, blur=a.blur,
+                  fuse_from=a.fuse_from, fuse_until=a.fuse_until, outside=a.outside,
+                  saliency_reference=a.saliency_reference, blend=a.blend, **common)
+    seed = result.seed
+    fusion = {"Fusion": f"MagicFusion SNB ({a.blend})", "Experts": " | ".join(m.name for m in experts),
+              "Expert prompts": " | ".join(eprompts), "kg": a.kg, "ke": " | ".join(map(str, kes)),
+              "Blur": a.blur, "Fuse from": a.fuse_from, "Fuse until": a.fuse_until, "Outside": a.outside,
+              "Saliency reference": a.saliency_reference}
+    items = [(p, im, parameters(a.prompt, a.negative_prompt, a, seed, general.name, fusion))
+             for p, im in zip(targets["fused"], result.fused)]
+    if not a.fused_only:
+        for name, model, prompt in zip(names[1:], models, [a.prompt] + eprompts):
+            images = generate(model, prompt, seed=seed, **common)
+            items += [(p, im, parameters(prompt, a.negative_prompt, a, seed, model.name))
+                      for p, im in zip(targets[name], images)]
+    if "masks" in targets:
+        items.append((targets["masks"][0], mask_grid(result.masks, n + 1), None))
+    save_all(items)
+    say(a, f"seed {seed}: wrote {', '.join(sorted({str(p.name) for p, _, _ in items}))} in {out}")
+
+
+def run_demo(a) -> None:
+    from .demo import ensure_demo_weights
+    general, expert, tok = ensure_demo_weights(a.weights)
+    out = a.out or "out/demo"
+    argv = ["fuse", "--general", str(general), "--expert", str(expert), "--tokenizer", str(tok),
+            "--prompt", "a lion with a crown", "--expert-prompt", "a cartoon lion with a crown",
+            "--steps", "25", "--height", "128", "--width", "128", "--fuse-from", "1000", "--fuse-until", "600",
+            "--device", "cpu", "--out", out]
+    argv += ["--overwrite"] if a.overwrite or a.out is None else []
+    argv += ["--quiet"] if a.quiet else []
+    run_fuse(build_parser().parse_args(argv))
+    say(a, f"demo done: {out}/fused.png (general.png, expert.png alone; masks.png: white = general won).\n"
+           "With real weights: magicfusion fuse --general sd-v1-5.safetensors --expert EXPERT.safetensors "
+           "--tokenizer DIR --prompt \"a lion with a crown\" --fuse-until 600 --out out/lion")
+
+
+def main(argv=None) -> int:
+    try:
+        a = build_parser().parse_args(argv)
+        {"generate": run_generate, "fuse": run_fuse, "demo": run_demo}[a.command](a)
+    except InputError as e:
+        print(f"magicfusion: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("magicfusion: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,96 @@
+"""The whole sampling step (every model's guided UNet passes, SNB, the DDIM update) as ONE CUDA graph.
+
+A CUDA graph records the kernels of one step once and replays them with a single launch, removing the
+per-kernel CPU overhead (about a thousand kernels per SD UNet pass) that otherwise bounds a fast GPU. For one
+graph to serve every step, nothing step-dependent may be a Python value: the step reads its timestep, alpha
+products, sigma, eta noise and fusion-window flag from device tables (`pipeline.Tables`) at the row named by a
+device-side counter, and the graph itself advances that counter. Per step the host calls `replay()` and nothing
+else: no `.item()`, no synchronisation, no re-capture.
+
+The math is `pipeline.fused_step`, the same function the eager loop runs; only its `i` differs (a device tensor
+here, an int there). On CPU the same runner works without capture, replaying by calling the step directly, which
+is how the tests check it against the eager loop on machines without a GPU.
+
+A capture belongs to (models, latent shape, batch, dtype, steps, guidance, fusion options) and lives in the
+general model's `graphs` cache with its own memory pool; later calls with new prompts, seeds or noise copy them
+into the static buffers and replay. `Model.release_graphs()` frees them, as does dropping the model.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .pipeline import FuseOptions, Tables, fused_step
+
+
+class StepGraph:
+    def __init__(self, unets: list, contexts: list, x: torch.Tensor, tab: Tables, scale: float, opts: FuseOptions):
+        self.unets = [weakref.ref(u) for u in unets]  # the cache must not keep released models alive
+        self.scale, self.opts = scale, opts
+        self.cuda = x.device.type == "cuda"
+        # static buffers: the graph reads and writes these addresses on every replay
+        self.x = x.clone()
+        self.contexts = [c.clone() for c in contexts]
+        self.tab = Tables(*(v.clone() if v is not None else None for v in vars(tab).values()))
+        self.counter = torch.zeros((), dtype=torch.int64, device=x.device)
+        self.masks = torch.zeros((len(tab.t),) + x[:, 0].shape, dtype=torch.uint8, device=x.device)
+        self.graph = None
+        # two models' passes go on their own streams inside the graph, so their kernels can overlap
+        self.streams = [torch.cuda.Stream(x.device) for _ in unets] if self.cuda and len(unets) > 1 else None
+        if self.cuda:
+            self.capture()
+
+    def step(self) -> None:
+        """One step on the static buffers, advancing the counter (what the graph records)."""
+        unets = [ref() for ref in self.unets]
+        x, index = fused_step(unets, self.contexts, self.x, self.counter, self.tab, self.scale, self.opts, self.streams)
+        self.x.copy_(x)
+        self.masks.index_copy_(0, self.counter.view(1), index.to(torch.uint8)[None])
+        self.counter.add_(1)
+
+    def capture(self) -> None:
+        x0 = self.x.clone()
+        side = torch.cuda.Stream(self.x.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: cuBLAS/cuDNN handles and kernel choices settle outside capture
+            for _ in range(2):
+                self.step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.x.copy_(x0)
+        self.counter.zero_()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # a private memory pool per graph
+            self.step()
+        self.x.copy_(x0)
+        self.counter.zero_()
+
+    def alive(self) -> bool:
+        return all(ref() is not None for ref in self.unets)
+
+    def run(self, x: torch.Tensor, contexts: list, tab: Tables, bar=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample a whole run: load this run's inputs into the static buffers, replay once per step."""
+        self.x.copy_(x)
+        for static, c in zip(self.contexts, contexts):
+            static.copy_(c)
+        for static, v in zip(vars(self.tab).values(), vars(tab).values()):
+            if v is not None:
+                static.copy_(v)
+        self.counter.zero_()
+        for _ in range(len(tab.t)):
+            self.graph.replay() if self.graph is not None else self.step()
+            if bar is not None:
+                bar.update()
+        return self.x.clone(), self.masks.clone()
+
+
+def graph_for(models: list, contexts: list, x: torch.Tensor, tab: Tables, scale: float, opts: FuseOptions) -> StepGraph:
+    """The cached StepGraph for this configuration, captured on first use."""
+    cache = models[0].graphs
+    key = (tuple(id(m.unet) for m in models), tuple(x.shape), models[0].dtype, len(tab.t), tab.noise is None,
+           float(scale), opts)
+    for k in [k for k, g in cache.items() if not g.alive()]:
+        del cache[k]
+    if key not in cache:
+        cache[key] = StepGraph([m.unet for m in models], contexts, x, tab, scale, opts)
+    return cache[key]

@@ -1,0 +1,95 @@
+"""The CUDA-graph runner (graph.py): static buffers, device tables and a device step counter.
+
+On CPU the runner steps without capture, so these tests check, on any machine, that running the step the way the
+graph does gives exactly what the eager loop gives. The CUDA tests (skipped without a GPU) compare replay to eager.
+"""
+import gc
+
+import numpy as np
+import pytest
+import torch
+
+import magicfusion
+from magicfusion.demo import write_checkpoint
+from magicfusion.tokenizer import write_tiny_vocab
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("graph")
+    write_tiny_vocab(d)
+    return [magicfusion.load(write_checkpoint(d / f"m{s}.safetensors", "tiny", seed=s), tokenizer=d) for s in (1, 2)]
+
+
+def same(a, b):
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_generate_runner_equals_eager(models, eta):
+    kw = dict(steps=4, height=64, width=48, seed=3, eta=eta, batch=2, progress=False)
+    assert same(magicfusion.generate(models[0], "a lion", graph=True, **kw),
+                magicfusion.generate(models[0], "a lion", graph=False, **kw))
+
+
+@pytest.mark.parametrize("window", [(1000, -1), (1000, 600), (850, 300)])
+@pytest.mark.parametrize("outside", ["general", "expert"])
+def test_fuse_runner_equals_eager(models, window, outside):
+    kw = dict(steps=5, height=64, width=64, seed=7, eta=0.3, fuse_from=window[0], fuse_until=window[1],
+              outside=outside, ke=2.0, progress=False)
+    g = magicfusion.fuse(models[0], models[1], "a lion", "a cartoon lion", graph=True, **kw)
+    e = magicfusion.fuse(models[0], models[1], "a lion", "a cartoon lion", graph=False, **kw)
+    assert same(g.fused, e.fused)
+    assert all(torch.equal(a, b) for a, b in zip(g.masks, e.masks))
+
+
+def test_runner_is_reused_with_new_prompts_and_seeds_then_released(models):
+    general = models[0]
+    general.release_graphs()
+    kw = dict(steps=3, height=64, width=64, progress=False)
+    for prompt, seed in (("a lion", 1), ("a bee making honey", 2)):
+        g = magicfusion.fuse(general, models[1], prompt, seed=seed, graph=True, **kw)
+        e = magicfusion.fuse(general, models[1], prompt, seed=seed, graph=False, **kw)
+        assert same(g.fused, e.fused)
+    assert len(general.graphs) == 1
+    magicfusion.fuse(general, models[1], "a lion", graph=True, **dict(kw, steps=4))  # another step count: new entry
+    assert len(general.graphs) == 2
+    general.release_graphs()
+    assert not general.graphs
+
+
+def test_runner_counter_and_tables_are_device_state(models):
+    from magicfusion.graph import graph_for
+    from magicfusion.pipeline import FuseOptions, encode_prompt, make_tables
+    m = models[0]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=gen)
+    tab = make_tables(3, 0.0, 1000, -1, gen, tuple(x.shape), "cpu")
+    ctx = [encode_prompt(m, "a lion", "", 1)]
+    runner = graph_for([m], ctx, x, tab, 7.5, FuseOptions())
+    out, masks = runner.run(x, ctx, tab)
+    assert runner.counter.item() == 3 and masks.shape == (3, 1, 8, 8)
+    assert not torch.equal(out, x)
+    m.release_graphs()
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_graph_replay_matches_eager(tmp_path, dtype):
+    write_tiny_vocab(tmp_path)
+    ms = [magicfusion.load(write_checkpoint(tmp_path / f"m{s}.safetensors", "tiny", seed=s), tokenizer=tmp_path,
+                           device="cuda", dtype=dtype) for s in (1, 2)]
+    kw = dict(steps=6, height=64, width=64, seed=1, fuse_until=400, progress=False)
+    g = magicfusion.fuse(ms[0], ms[1], "a lion", graph=True, **kw)
+    e = magicfusion.fuse(ms[0], ms[1], "a lion", graph=False, **kw)
+    diff = np.abs(np.asarray(g.fused[0], dtype=np.int16) - np.asarray(e.fused[0], dtype=np.int16))
+    assert diff.max() <= 2, diff.max()
+    one_g = magicfusion.generate(ms[0], "a lion", graph=True, **dict(kw, fuse_until=None) if False else
+                                 dict(steps=6, height=64, width=64, seed=1, progress=False))
+    one_e = magicfusion.generate(ms[0], "a lion", graph=False, steps=6, height=64, width=64, seed=1, progress=False)
+    assert np.abs(np.asarray(one_g[0], dtype=np.int16) - np.asarray(one_e[0], dtype=np.int16)).max() <= 2
+    ms[0].release_graphs()
+    gc.collect()

@@ -136,6 +136,11 @@ def load(path, tokenizer=None, device="cpu", dtype=torch.float32, ema: bool = Fa
     """
     path = Path(path)
     device = torch.device(device)
+    if isinstance(dtype, str):
+        names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+        if dtype not in names:
+            raise InputError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+        dtype = names[dtype]
     if not path.exists():
         raise InputError(f"{path}: no such file or folder; pass an SD 1.x .safetensors/.ckpt file or a diffusers folder")
     tok = resolve_tokenizer(path, tokenizer)

@@ -33,7 +33,7 @@ class StepGraph:
         self.x = x.clone()
         self.contexts = [c.clone() for c in contexts]
         self.tab = Tables(*(v.clone() if v is not None else None for v in vars(tab).values()))
-        self.counter = torch.zeros((), dtype=torch.int64, device=x.device)
+        self.counter = torch.zeros(1, dtype=torch.int64, device=x.device)
         self.masks = torch.zeros((len(tab.t),) + x[:, 0].shape, dtype=torch.uint8, device=x.device)
         self.graph = None
         # two models' passes go on their own streams inside the graph, so their kernels can overlap
@@ -46,7 +46,7 @@ class StepGraph:
         unets = [ref() for ref in self.unets]
         x, index = fused_step(unets, self.contexts, self.x, self.counter, self.tab, self.scale, self.opts, self.streams)
         self.x.copy_(x)
-        self.masks.index_copy_(0, self.counter.view(1), index.to(torch.uint8)[None])
+        self.masks.index_copy_(0, self.counter, index.to(torch.uint8)[None])
         self.counter.add_(1)
 
     def capture(self) -> None:

@@ -73,6 +73,13 @@ class Tables:
     window: torch.Tensor             # (steps,) bool: SNB runs at this step
     noise: torch.Tensor | None       # (steps, B, 4, h, w) float32 eta noise, None when eta == 0
 
+    def row(self, i) -> list:
+        """Step i's (t, alpha, alpha_prev, sigma, window, noise). `i` is an int (eager loop) or a (1,) int64 device
+        tensor (graph): `index_select`, unlike indexing with a tensor, never reads the index back to the host."""
+        def pick(v):
+            return None if v is None else v[i] if isinstance(i, int) else v.index_select(0, i).squeeze(0)
+        return [pick(v) for v in (self.t, self.alpha, self.alpha_prev, self.sigma, self.window, self.noise)]
+
 
 @dataclass
 class FuseResult:
@@ -141,12 +148,12 @@ def fused_step(unets: list, contexts: list, x: torch.Tensor, i, tab: Tables, sca
                streams=None):
     """One sampling step for one or more models -> (next latents, (B, h, w) winner index).
 
-    `i` is the step number: a Python int in the eager loop, a 0-dim device tensor inside the CUDA graph. An int
+    `i` is the step number: a Python int in the eager loop, a (1,) device tensor inside the CUDA graph. An int
     lets the eager loop skip the models whose noise goes unused; the graph cannot branch on the host, so it runs
     every model and selects with `torch.where`.
     """
-    t, n = tab.t[i], len(unets)
-    in_window = tab.window[i]
+    t, alpha, alpha_prev, sigma, in_window, noise = tab.row(i)
+    n = len(unets)
     if n == 1 or (isinstance(i, int) and not bool(in_window)):
         u, c = predict(unets[opts.outside], x, t, contexts[opts.outside])
         eps, index = guidance(u, c, scale), torch.full_like(x[:, 0], opts.outside, dtype=torch.int64)
@@ -161,8 +168,7 @@ def fused_step(unets: list, contexts: list, x: torch.Tensor, i, tab: Tables, sca
         outside = guidance(uncond[opts.outside], cond[opts.outside], scale)
         eps = torch.where(in_window, eps, outside)
         index = torch.where(in_window, index, torch.full_like(index, opts.outside))
-    noise = None if tab.noise is None else tab.noise[i]
-    return ddim.ddim_step(x, eps, tab.alpha[i], tab.alpha_prev[i], tab.sigma[i], noise), index
+    return ddim.ddim_step(x, eps, alpha, alpha_prev, sigma, noise), index
 
 
 @torch.no_grad()

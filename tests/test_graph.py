@@ -93,3 +93,33 @@ def test_cuda_graph_replay_matches_eager(tmp_path, dtype):
     assert np.abs(np.asarray(one_g[0], dtype=np.int16) - np.asarray(one_e[0], dtype=np.int16)).max() <= 2
     ms[0].release_graphs()
     gc.collect()
+
+
+def test_graph_step_never_reads_device_values_back_to_the_host(models):
+    """What the graph records must not synchronise: no `.item()`, `bool(tensor)` or data-dependent shapes.
+    Every op the step dispatches is recorded (on CPU too) and none may be one that reads a value to the host."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from magicfusion.graph import graph_for
+    from magicfusion.pipeline import FuseOptions, encode_prompt, make_tables
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=gen)
+    tab = make_tables(4, 0.5, 900, 300, gen, tuple(x.shape), "cpu")
+    ctx = [encode_prompt(m, "a lion", "", 1) for m in models]
+    runner = graph_for(models, ctx, x, tab, 7.5, FuseOptions(ks=(1.0, 2.0)))
+    with Record() as rec:
+        runner.step()
+    syncing = {"aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.is_nonzero", "aten.masked_select"}
+    assert "aten.convolution" in rec.ops and "aten.index_select" in rec.ops  # the recording saw the step
+    assert not rec.ops & syncing, rec.ops & syncing
+    models[0].release_graphs()

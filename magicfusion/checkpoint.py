@@ -104,12 +104,14 @@ def build(cls, cfg_cls, sd: dict, part: str, name: str, device, dtype):
     unexpected = sorted(set(sd) - set(expected))
     wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
              if k in sd and sd[k].shape != v.shape]
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", wrong)):
+    not_float = [f"{k} ({sd[k].dtype})" for k in expected if k in sd and not sd[k].is_floating_point()]
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", wrong),
+                         ("non-floating-point", not_float)):
         if items:
             raise InputError(f"{name}: {part} has {len(items)} {label} keys: {', '.join(items[:3])}"
                              f"{' ...' if len(items) > 3 else ''}; the file is damaged or not SD 1.x")
     for k in list(sd):
-        sd[k] = sd[k].to(device=device, dtype=dtype if sd[k].is_floating_point() else None)
+        sd[k] = sd[k].to(device=device, dtype=dtype)
     module.load_state_dict(sd, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 

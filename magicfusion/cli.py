@@ -128,15 +128,24 @@ def numbered(path: Path, n: int) -> list:
 
 def check_writable(paths: list, overwrite: bool) -> None:
     for p in paths:
+        if p.is_dir():
+            raise InputError(f"{p} is a folder; --out must name a file")
         if p.exists() and not overwrite:
             raise InputError(f"{p} already exists; pass --overwrite to replace it or choose another --out")
-        if p.exists() and p.is_dir():
-            raise InputError(f"{p} is a folder; --out must name a file")
         parent = p.parent
         if not parent.is_dir():
             raise InputError(f"cannot write {p}: folder {parent} does not exist; create it or choose another --out")
         if not os.access(parent, os.W_OK):
             raise InputError(f"cannot write {p}: folder {parent} is not writable; choose another --out")
+
+
+def check_folder(out: Path) -> None:
+    """A folder that does not exist yet can be made: its nearest existing ancestor is a writable folder."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"cannot make folder {out}: {existing} is a file; choose another --out")
+    if not os.access(existing, os.W_OK):
+        raise InputError(f"cannot make folder {out}: {existing} is not writable; choose another --out")
 
 
 def save_all(items: list) -> None:
@@ -226,8 +235,11 @@ def run_fuse(a) -> None:
     targets = {name: numbered(out / f"{name}.png", a.batch) for name in names}
     if a.blend == "argmax":
         targets["masks"] = [out / "masks.png"]
-    out.mkdir(parents=True, exist_ok=True)
-    check_writable([p for ps in targets.values() for p in ps], a.overwrite)
+    paths = [p for ps in targets.values() for p in ps]
+    if out.is_dir():
+        check_writable(paths, a.overwrite)
+    else:
+        check_folder(out)  # made only when there is something to save
     models = load_models(a, [a.general] + a.expert, device, dtype)
     general, experts = models[0], models[1:]
     common = dict(negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance, eta=a.eta,
@@ -250,6 +262,11 @@ def run_fuse(a) -> None:
                       for p, im in zip(targets[name], images)]
     if "masks" in targets:
         items.append((targets["masks"][0], mask_grid(result.masks, n + 1), None))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot make folder {out}: {e.strerror or e}; choose another --out") from None
+    check_writable(paths, a.overwrite)
     save_all(items)
     say(a, f"seed {seed}: wrote {', '.join(sorted({str(p.name) for p, _, _ in items}))} in {out}")
 
@@ -274,8 +291,8 @@ def main(argv=None) -> int:
     try:
         a = build_parser().parse_args(argv)
         {"generate": run_generate, "fuse": run_fuse, "demo": run_demo}[a.command](a)
-    except InputError as e:
-        print(f"magicfusion: error: {e}", file=sys.stderr)
+    except InputError as e:  # one line even when a path or value in the message holds a line break
+        print(f"magicfusion: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("magicfusion: interrupted", file=sys.stderr)

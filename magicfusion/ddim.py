@@ -2,7 +2,7 @@
 
 `schedule()` precomputes, for every step of a run, the timestep and the alpha products it needs; `ddim_step()`
 is one update. No object keeps a step counter: the caller indexes the schedule, which is also what lets the
-CUDA-graph path keep the whole table on the device (see `sampling.py`).
+CUDA-graph path keep the whole table on the device (see `pipeline.py` and `graph.py`).
 
 Stable Diffusion 1.x settings, as its scheduler config ships them: 1000 training steps, "scaled_linear"
 betas from 0.00085 to 0.012, "leading" timestep spacing with offset 1, and the final step's previous alpha

@@ -163,6 +163,9 @@ def load(path, tokenizer=None, device="cpu", dtype=torch.float32, ema: bool = Fa
                          "model); magicfusion runs text-to-image SD 1.x models (4 channels)")
     text = build(CLIPTextModel, CLIPTextConfig, clip_sd, "the text encoder", path.name, device, dtype)
     vae = build(VAEDecoder, VAEConfig, vae_sd, "the VAE decoder", path.name, device, dtype)
+    if vae.cfg.factor != 8:
+        raise InputError(f"{path.name}: the VAE upsamples latents {vae.cfg.factor}x, not SD 1.x's 8x; "
+                         "use a Stable Diffusion 1.x checkpoint")
     if text.cfg.width != unet.cfg.context_dim:
         raise InputError(f"{path.name}: text encoder width {text.cfg.width} does not match the UNet's context "
                          f"width {unet.cfg.context_dim}; the file mixes parts of different models")

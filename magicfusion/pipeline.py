@@ -270,7 +270,7 @@ def check_compatible(models: list) -> None:
         if m.unet.cfg.in_channels != ref.unet.cfg.in_channels or m.vae.cfg.z_channels != ref.vae.cfg.z_channels:
             raise InputError(f"{m.name} has {m.unet.cfg.in_channels} latent channels but {ref.name} has "
                              f"{ref.unet.cfg.in_channels}; fuse models of the same family (SD 1.x)")
-        if len(m.vae.cfg.ch_mult) != len(ref.vae.cfg.ch_mult) or m.vae.cfg.scale_factor != ref.vae.cfg.scale_factor:
+        if m.vae.cfg.factor != ref.vae.cfg.factor or m.vae.cfg.scale_factor != ref.vae.cfg.scale_factor:
             raise InputError(f"{m.name}'s VAE has a different downsampling factor or latent scale than "
                              f"{ref.name}'s; fuse models that share the SD 1.x VAE")
         if m.device != ref.device:

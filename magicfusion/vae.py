@@ -26,6 +26,11 @@ class VAEConfig:
     out_ch: int = 3
     scale_factor: float = 0.18215      # SD1 latents were scaled by this to unit variance for training
 
+    @property
+    def factor(self) -> int:
+        """Image pixels per latent pixel along each side (8 for SD 1.x)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
     @staticmethod
     def from_state_dict(sd: dict) -> "VAEConfig":
         """Read the architecture off an LDM VAE state dict (keys after `first_stage_model.`)."""

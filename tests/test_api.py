@@ -1,0 +1,72 @@
+"""The Python API refuses bad arguments with InputError (one line), as the CLI does, before any sampling."""
+import dataclasses
+
+import numpy as np
+
+import pytest
+import torch
+
+import magicfusion
+from magicfusion.demo import write_checkpoint
+from magicfusion.tokenizer import write_tiny_vocab
+from magicfusion.unet import UNetModel
+from magicfusion.vae import VAEConfig, VAEDecoder
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("api")
+    write_tiny_vocab(d)
+    return [magicfusion.load(write_checkpoint(d / f"m{s}.safetensors", "tiny", seed=s), tokenizer=d) for s in (1, 2)]
+
+
+SMALL = dict(steps=2, height=64, width=64, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(outside="both"), "outside"),
+    (dict(saliency_reference="mine"), "saliency_reference"),
+    (dict(blend="max"), "blend"),
+    (dict(kg=float("nan")), "kg"),
+    (dict(ke=float("inf")), "ke"),
+    (dict(ke=[1.0, 2.0]), "ke values"),
+    (dict(expert_prompt=["a", "b"]), "expert prompts"),
+    (dict(height=60), "multiple of 8"),
+    (dict(steps=0), "steps"),
+    (dict(seed=2 ** 64), "seed"),
+    (dict(batch=0), "batch"),
+    (dict(eta=-1.0), "eta"),
+    (dict(guidance=float("nan")), "guidance"),
+    (dict(clip_skip=5), "clip skip"),
+])
+def test_fuse_refuses_bad_arguments(pair, kwargs, words):
+    with pytest.raises(magicfusion.InputError, match=words) as e:
+        magicfusion.fuse(pair[0], pair[1], "a lion", **{**SMALL, **kwargs})
+    assert "\n" not in str(e.value)
+
+
+def test_fuse_refuses_models_with_different_latent_spaces(pair):
+    other = dataclasses.replace(pair[1], unet=UNetModel(dataclasses.replace(pair[1].unet.cfg, in_channels=8)))
+    with pytest.raises(magicfusion.InputError, match="latent channels"):
+        magicfusion.fuse(pair[0], other, "a lion", **SMALL)
+
+
+def test_load_refuses_a_vae_that_is_not_8x(tmp_path):
+    from safetensors.torch import save_file
+    write_tiny_vocab(tmp_path)
+    sd = {k: v for k, v in magicfusion.demo.random_state_dict("tiny", seed=1).items()
+          if not k.startswith("first_stage_model.")}
+    vae = VAEDecoder(VAEConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1))  # three levels: 4x, not 8x
+    sd.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
+    save_file(sd, str(tmp_path / "vae4x.safetensors"))
+    with pytest.raises(magicfusion.InputError, match="4x"):
+        magicfusion.load(tmp_path / "vae4x.safetensors", tokenizer=tmp_path)
+
+
+def test_random_seed_is_reported_and_reproducible(pair):
+    images, seed = magicfusion.generate(pair[0], "a lion", seed=-1, return_seed=True, **SMALL)
+    assert 0 <= seed < 2 ** 64
+    again = magicfusion.generate(pair[0], "a lion", seed=seed, **SMALL)
+    assert np.array_equal(np.asarray(images[0]), np.asarray(again[0]))
+    result = magicfusion.fuse(pair[0], pair[1], "a lion", seed=-1, **SMALL)
+    assert result.seed >= 0 and len(result.masks) == SMALL["steps"]

@@ -83,9 +83,11 @@ class Tables:
 
 @dataclass
 class FuseResult:
-    fused: list                      # PIL images
-    masks: list = field(default_factory=list)  # per step, (B, h, w) uint8 index of the model whose noise was
-    seed: int = 0                    # used: 0 = general (the paper's M = 1), i = expert i, 255 = `average`
+    """`fused`: the PIL images. `masks`: per step, a (B, h, w) uint8 map of whose noise each latent pixel used:
+    0 the general model (the paper's M = 1), i expert i, 255 where `average` mixed them. `seed`: the seed used."""
+    fused: list
+    masks: list = field(default_factory=list)
+    seed: int = 0
 
 
 def validate(steps, guidance_scale, eta, seed, height, width, batch) -> int:
@@ -181,6 +183,9 @@ def decode(model: Model, latents: torch.Tensor) -> list:
     images = []
     for z in latents.split(1):  # one at a time keeps the full-resolution decoder's memory bounded
         px = model.vae(z.to(model.device, model.dtype)).float()
+        if not torch.isfinite(px).all():  # saving it would write a black image
+            raise InputError(f"{model.name}'s VAE decoded NaN/inf pixels: its weights are broken, or it overflows in "
+                             f"{model.dtype}; try --dtype float32 or bfloat16")
         px = (px / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         images.append(Image.fromarray((px[0] * 255).round().astype(np.uint8)))
     return images
@@ -238,7 +243,8 @@ def fuse(general: Model, expert, prompt: str, expert_prompt=None, negative_promp
     """MagicFusion: sample with `general` and `expert` (a Model or a list of them) blended by saliency.
 
     `expert_prompt` (a string, or one per expert) defaults to `prompt`; `ke` likewise. SNB runs at the steps
-    whose timestep t satisfies fuse_until < t <= fuse_from; elsewhere the `outside` model's noise is used.
+    whose timestep t satisfies fuse_until < t <= fuse_from; elsewhere the `outside` model's noise is used
+    ("general", or "expert": the first expert).
     The fused latents are decoded by the general model's VAE.
     """
     experts = list(expert) if isinstance(expert, (list, tuple)) else [expert]

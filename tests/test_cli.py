@@ -211,11 +211,16 @@ def cuda_without_gpu(ctx):
     return {"--device": "cuda"}
 
 
+def replaced_key(sd, key, value):
+    return {**sd, key: torch.full_like(sd[key], value)}
+
+
 def option(**values):
     return lambda ctx: {"--" + k.replace("_", "-"): v for k, v in values.items()}
 
 
 NAN_BIAS = sd_file(lambda sd: replaced(sd, out__2__bias=torch.full((4,), float("nan"))))
+NAN_VAE = sd_file(lambda sd: replaced_key(sd, "first_stage_model.decoder.conv_out.bias", float("nan")))
 NAN_UNET = sd_file(lambda sd: {k: torch.full_like(v, float("nan")) if k.startswith(UNET) else v
                                for k, v in sd.items()})
 
@@ -286,6 +291,7 @@ GENERATE_CASES = [
     pytest.param(lambda ctx: ctx["out"].mkdir() or {}, ["is a folder"], id="output-is-a-folder"),
     pytest.param(NAN_BIAS, ["nan"], id="nan-out-bias"),
     pytest.param(NAN_UNET, ["nan"], id="nan-unet"),
+    pytest.param(NAN_VAE, ["vae", "nan"], id="nan-vae"),
 ]
 
 

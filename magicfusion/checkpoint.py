@@ -33,6 +33,7 @@ SCHEDULE_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alph
                     "posterior_mean_coef1", "posterior_mean_coef2", "logvar"}
 VAE_UNUSED = (VAE + "encoder.", VAE + "quant_conv.")
 DEFAULT_TOKENIZER = Path("weights") / "tokenizer"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def ignored(key: str, ema: bool) -> bool:
@@ -117,15 +118,20 @@ def build(cls, cfg_cls, sd: dict, part: str, name: str, device, dtype):
 
 
 def resolve_tokenizer(path: Path, tokenizer) -> CLIPTokenizer:
+    """The tokenizer for a model at `path`: the one given, a diffusers folder's own, $MAGICFUSION_TOKENIZER,
+    then weights/tokenizer/ (beside the working directory, then beside this package)."""
     if isinstance(tokenizer, CLIPTokenizer):
         return tokenizer
-    candidates = [tokenizer, find_tokenizer_dir(path) if path.is_dir() else None, os.environ.get("MAGICFUSION_TOKENIZER"),
-                  DEFAULT_TOKENIZER, Path(__file__).resolve().parent.parent / DEFAULT_TOKENIZER]
-    for c in candidates:
+    env = os.environ.get("MAGICFUSION_TOKENIZER")
+    for given, origin in ((tokenizer, "tokenizer"), (env, "$MAGICFUSION_TOKENIZER")):
+        if given:
+            if not Path(given).is_dir():
+                raise InputError(f"{origin} {given} is not a folder; {TOKENIZER_HINT}")
+            return CLIPTokenizer.from_dir(given)
+    own = find_tokenizer_dir(path) if path.is_dir() else None
+    for c in (own, DEFAULT_TOKENIZER, Path(__file__).resolve().parent.parent / DEFAULT_TOKENIZER):
         if c and Path(c).is_dir():
             return CLIPTokenizer.from_dir(c)
-        if c and c is tokenizer:
-            raise InputError(f"tokenizer folder {c} does not exist; {TOKENIZER_HINT}")
     raise InputError(f"no tokenizer found for {path.name} (tried --tokenizer, $MAGICFUSION_TOKENIZER and "
                      f"weights/tokenizer/); {TOKENIZER_HINT}")
 
@@ -139,10 +145,9 @@ def load(path, tokenizer=None, device="cpu", dtype=torch.float32, ema: bool = Fa
     path = Path(path)
     device = torch.device(device)
     if isinstance(dtype, str):
-        names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-        if dtype not in names:
+        if dtype not in DTYPES:
             raise InputError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
-        dtype = names[dtype]
+        dtype = DTYPES[dtype]
     if not path.exists():
         raise InputError(f"{path}: no such file or folder; pass an SD 1.x .safetensors/.ckpt file or a diffusers folder")
     tok = resolve_tokenizer(path, tokenizer)

@@ -17,9 +17,8 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .checkpoint import DTYPES
 from .errors import InputError
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class Parser(argparse.ArgumentParser):
@@ -72,7 +71,8 @@ def build_parser() -> Parser:
     f.add_argument("--saliency-reference", choices=("general", "own"), default="general",
                    help="unconditional prediction the expert's response is measured against")
     f.add_argument("--blend", choices=("argmax", "average"), default="argmax")
-    f.add_argument("--out", required=True, help="output folder: fused.png, general.png, expert.png, masks.png")
+    f.add_argument("--out", required=True, help="output folder: fused.png, general.png, expert.png (expert1.png, "
+                   "... with several), and with --blend argmax masks.png")
     f.add_argument("--fused-only", action="store_true", help="skip the single-model comparison images")
     d = sub.add_parser("demo", help="fuse two tiny built-in random models offline, on the CPU")
     d.add_argument("--out", default=None, help="output folder (default: out/demo, replaced on each run)")
@@ -164,24 +164,23 @@ def save_all(items: list) -> None:
 
 
 def mask_grid(masks: list, n_models: int, scale: int = 4) -> Image.Image:
-    """One tile per step (row-major), each the (B, h, w) winner map side by side: white where the general model
-    won, black where the (first) expert did, grays for further experts, mid-gray where `average` mixed."""
+    """One tile per step (row by row), each the (B, h, w) winner map with the batch side by side: white where the
+    general model's noise was used, black where the first expert's, grays (darkest first) for further experts."""
     import numpy as np
     steps = len(masks)
     b, h, w = masks[0].shape
     cols = math.ceil(math.sqrt(steps))
     rows = math.ceil(steps / cols)
     tile_w, tile_h = b * (w * scale + 1), h * scale + 1
-    canvas = np.full((rows * tile_h + 1, cols * tile_w + 1), 96, dtype=np.uint8)
-    levels = np.array([255] + [int(200 * (1 - i / max(n_models - 1, 1))) for i in range(1, n_models)], dtype=np.uint8)
+    canvas = np.zeros((rows * tile_h + 1, cols * tile_w + 1, 3), dtype=np.uint8)
+    canvas[:] = (70, 110, 200)  # blue grid lines and margins, unlike any model's shade
+    shades = np.array([255] + [int(180 * i / max(n_models - 2, 1)) for i in range(n_models - 1)], dtype=np.uint8)
     for i, m in enumerate(masks):
-        m = m.numpy().astype(np.int64)
-        shade = np.where(m == 255, 128, levels[np.clip(m, 0, n_models - 1)]).astype(np.uint8)
-        shade = shade.repeat(scale, axis=1).repeat(scale, axis=2)
+        shade = shades[m.numpy().astype(np.int64)].repeat(scale, axis=1).repeat(scale, axis=2)
         r, c = divmod(i, cols)
         for j in range(b):
             y, x = r * tile_h + 1, c * tile_w + 1 + j * (w * scale + 1)
-            canvas[y:y + h * scale, x:x + w * scale] = shade[j]
+            canvas[y:y + h * scale, x:x + w * scale] = shade[j][..., None]
     return Image.fromarray(canvas)
 
 
@@ -214,19 +213,13 @@ def run_generate(a) -> None:
 
 
 def run_fuse(a) -> None:
-    from .pipeline import fuse, generate, validate
+    from .pipeline import fuse, generate, per_expert, validate
     device = pick_device(a.device)
     dtype = pick_dtype(a.dtype, device)
     validate(a.steps, a.guidance, a.eta, 0 if a.seed == -1 else a.seed, a.height, a.width, a.batch)
     n = len(a.expert)
-    eprompts = a.expert_prompt or [a.prompt] * n
-    kes = a.ke or [1.0] * n
-    if len(eprompts) == 1 and n > 1:
-        eprompts = eprompts * n
-    if len(kes) == 1 and n > 1:
-        kes = kes * n
-    if len(eprompts) != n or len(kes) != n:
-        raise InputError(f"{n} experts need {n} --expert-prompt and --ke values (or one of each for all)")
+    eprompts = per_expert(a.prompt if a.expert_prompt is None else a.expert_prompt, n, "--expert-prompt values")
+    kes = per_expert(1.0 if a.ke is None else a.ke, n, "--ke values")
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; fuse writes a folder of images")
@@ -253,15 +246,15 @@ def run_fuse(a) -> None:
               "Expert prompts": " | ".join(eprompts), "kg": a.kg, "ke": " | ".join(map(str, kes)),
               "Blur": a.blur, "Fuse from": a.fuse_from, "Fuse until": a.fuse_until, "Outside": a.outside,
               "Saliency reference": a.saliency_reference}
-    items = [(p, im, parameters(a.prompt, a.negative_prompt, a, seed, general.name, fusion))
-             for p, im in zip(targets["fused"], result.fused)]
+    fused_params = parameters(a.prompt, a.negative_prompt, a, seed, general.name, fusion)
+    items = [(p, im, fused_params) for p, im in zip(targets["fused"], result.fused)]
     if not a.fused_only:
         for name, model, prompt in zip(names[1:], models, [a.prompt] + eprompts):
             images = generate(model, prompt, seed=seed, **common)
             items += [(p, im, parameters(prompt, a.negative_prompt, a, seed, model.name))
                       for p, im in zip(targets[name], images)]
     if "masks" in targets:
-        items.append((targets["masks"][0], mask_grid(result.masks, n + 1), None))
+        items.append((targets["masks"][0], mask_grid(result.masks, n + 1), fused_params))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -273,7 +266,11 @@ def run_fuse(a) -> None:
 
 def run_demo(a) -> None:
     from .demo import ensure_demo_weights
-    general, expert, tok = ensure_demo_weights(a.weights)
+    try:
+        general, expert, tok = ensure_demo_weights(a.weights)
+    except OSError as e:
+        raise InputError(f"cannot make the demo weights in {a.weights}: {e.strerror or e}; "
+                         "pass --weights with a writable folder") from None
     out = a.out or "out/demo"
     argv = ["fuse", "--general", str(general), "--expert", str(expert), "--tokenizer", str(tok),
             "--prompt", "a lion with a crown", "--expert-prompt", "a cartoon lion with a crown",

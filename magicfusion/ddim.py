@@ -43,9 +43,6 @@ class Schedule:
     alpha_prev: torch.Tensor  # (steps,) abar of the timestep the step lands on
     sigma: torch.Tensor       # (steps,) eta-scaled noise std of the step (eq. 16)
 
-    def to(self, device) -> "Schedule":
-        return Schedule(*(x.to(device) for x in (self.t, self.alpha, self.alpha_prev, self.sigma)))
-
 
 def schedule(steps: int, eta: float = 0.0) -> Schedule:
     ac = alphas_cumprod()

@@ -39,15 +39,16 @@ def random_state_dict(config: str, seed: int = 0, dtype=torch.float32) -> dict:
     """A random LDM-layout state dict (`model.diffusion_model.*`, `cond_stage_model.transformer.*`,
     `first_stage_model.*` plus the schedule buffers real files carry) for a named config."""
     ucfg, ccfg, vcfg = CONFIGS[config]
-    torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     sd = {"alphas_cumprod": alphas_cumprod()}
-    for prefix, module in (("model.diffusion_model.", UNetModel(ucfg)),
-                           ("cond_stage_model.transformer.", CLIPTextModel(ccfg)),
-                           ("first_stage_model.", VAEDecoder(vcfg))):
-        perturb_(module, gen)
-        sd.update({prefix + k: v.to(dtype).contiguous() for k, v in module.state_dict().items()})
-        del module
+    with torch.random.fork_rng():  # the modules' default init draws from the global RNG: leave the caller's alone
+        torch.manual_seed(seed)
+        for prefix, build in (("model.diffusion_model.", lambda: UNetModel(ucfg)),
+                              ("cond_stage_model.transformer.", lambda: CLIPTextModel(ccfg)),
+                              ("first_stage_model.", lambda: VAEDecoder(vcfg))):
+            module = perturb_(build(), gen)
+            sd.update({prefix + k: v.to(dtype).contiguous() for k, v in module.state_dict().items()})
+            del module
     sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(ccfg.max_positions)[None]
     return sd
 

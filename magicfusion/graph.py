@@ -11,12 +11,20 @@ The math is `pipeline.fused_step`, the same function the eager loop runs; only i
 here, an int there). On CPU the same runner works without capture, replaying by calling the step directly, which
 is how the tests check it against the eager loop on machines without a GPU.
 
-A capture belongs to (models, latent shape, batch, dtype, steps, guidance, fusion options) and lives in the
-general model's `graphs` cache with its own memory pool; later calls with new prompts, seeds or noise copy them
-into the static buffers and replay. `Model.release_graphs()` frees them, as does dropping the model.
+A capture belongs to (models, latent shape and batch, dtype, eta on/off, the fusion options that change which
+kernels run: blur, reference, blend, outside) and lives in the general model's `graphs` cache with its own
+memory pool. Later calls copy their prompts' embeddings, initial noise, tables, guidance scale and softmax
+temperatures into the static buffers and replay. `Model.release_graphs()` frees the graphs; an entry whose
+models were released is dropped at the next lookup, and a held runner refuses to replay.
+
+All models' UNets run at every step here, also outside the fusion window, where the window's `torch.where`
+picks the outside model's noise: the graph cannot skip work on a device-side condition. The eager loop, which
+knows the step on the host, runs only the model it needs there.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import weakref
 
 import torch
@@ -27,12 +35,16 @@ from .pipeline import FuseOptions, Tables, fused_step
 class StepGraph:
     def __init__(self, unets: list, contexts: list, x: torch.Tensor, tab: Tables, scale: float, opts: FuseOptions):
         self.unets = [weakref.ref(u) for u in unets]  # the cache must not keep released models alive
-        self.scale, self.opts = scale, opts
+        self.device = x.device
         self.cuda = x.device.type == "cuda"
-        # static buffers: the graph reads and writes these addresses on every replay
+        # static buffers: the graph reads and writes these addresses on every replay. Guidance and the softmax
+        # temperatures are device scalars too, so changing them needs no new capture.
         self.x = x.clone()
         self.contexts = [c.clone() for c in contexts]
         self.tab = Tables(*(v.clone() if v is not None else None for v in vars(tab).values()))
+        self.scale = torch.tensor(float(scale), device=x.device)
+        self.ks = torch.tensor([float(k) for k in opts.ks], device=x.device)
+        self.opts = dataclasses.replace(opts, ks=tuple(self.ks.unbind()))  # views of self.ks
         self.counter = torch.zeros(1, dtype=torch.int64, device=x.device)
         self.masks = torch.zeros((len(tab.t),) + x[:, 0].shape, dtype=torch.uint8, device=x.device)
         self.graph = None
@@ -40,6 +52,14 @@ class StepGraph:
         self.streams = [torch.cuda.Stream(x.device) for _ in unets] if self.cuda and len(unets) > 1 else None
         if self.cuda:
             self.capture()
+
+    @property
+    def capacity(self) -> int:
+        """The most steps a run may have (the tables' rows)."""
+        return len(self.tab.t)
+
+    def on_device(self):
+        return torch.cuda.device(self.device) if self.cuda else contextlib.nullcontext()
 
     def step(self) -> None:
         """One step on the static buffers, advancing the counter (what the graph records)."""
@@ -51,46 +71,60 @@ class StepGraph:
 
     def capture(self) -> None:
         x0 = self.x.clone()
-        side = torch.cuda.Stream(self.x.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: cuBLAS/cuDNN handles and kernel choices settle outside capture
-            for _ in range(2):
+        with self.on_device():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: cuBLAS/cuDNN handles and kernel choices settle outside capture
+                for _ in range(2):
+                    self.counter.zero_()
+                    self.step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.x.copy_(x0)
+            self.counter.zero_()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # recorded, not run; a private memory pool per graph
                 self.step()
-        torch.cuda.current_stream().wait_stream(side)
-        self.x.copy_(x0)
-        self.counter.zero_()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # a private memory pool per graph
-            self.step()
-        self.x.copy_(x0)
-        self.counter.zero_()
 
     def alive(self) -> bool:
         return all(ref() is not None for ref in self.unets)
 
-    def run(self, x: torch.Tensor, contexts: list, tab: Tables, bar=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, x: torch.Tensor, contexts: list, tab: Tables, scale: float, ks: tuple,
+            bar=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample a whole run: load this run's inputs into the static buffers, replay once per step."""
+        if not self.alive():
+            raise RuntimeError("a model this step graph was captured for has been released; use graph_for again")
+        steps = len(tab.t)
+        if steps > self.capacity:
+            raise ValueError(f"this graph holds tables for {self.capacity} steps, not {steps}")
         self.x.copy_(x)
         for static, c in zip(self.contexts, contexts):
             static.copy_(c)
         for static, v in zip(vars(self.tab).values(), vars(tab).values()):
             if v is not None:
-                static.copy_(v)
+                static[:steps].copy_(v)
+        self.scale.fill_(float(scale))
+        self.ks.copy_(torch.tensor([float(k) for k in ks]))
         self.counter.zero_()
-        for _ in range(len(tab.t)):
-            self.graph.replay() if self.graph is not None else self.step()
-            if bar is not None:
-                bar.update()
-        return self.x.clone(), self.masks.clone()
+        with self.on_device():
+            for _ in range(steps):
+                self.graph.replay() if self.graph is not None else self.step()
+                if bar is not None:
+                    bar.update()
+        return self.x.clone(), self.masks[:steps].clone()
 
 
 def graph_for(models: list, contexts: list, x: torch.Tensor, tab: Tables, scale: float, opts: FuseOptions) -> StepGraph:
-    """The cached StepGraph for this configuration, captured on first use."""
+    """The cached StepGraph for these models and this latent shape, dtype and kind of step; captured on first use.
+
+    Prompts, seeds, guidance and the softmax temperatures are inputs of a captured graph, not part of its key; a
+    run with more steps than a cached graph's tables hold captures a larger one in its place.
+    """
     cache = models[0].graphs
-    key = (tuple(id(m.unet) for m in models), tuple(x.shape), models[0].dtype, len(tab.t), tab.noise is None,
-           float(scale), opts)
+    kind = dataclasses.replace(opts, ks=len(opts.ks))
+    key = (tuple(id(m.unet) for m in models), tuple(x.shape), models[0].dtype, tab.noise is None, kind)
     for k in [k for k, g in cache.items() if not g.alive()]:
         del cache[k]
-    if key not in cache:
+    if key not in cache or cache[key].capacity < len(tab.t):
+        cache.pop(key, None)  # free the smaller graph's pool before capturing the larger one
         cache[key] = StepGraph([m.unet for m in models], contexts, x, tab, scale, opts)
     return cache[key]

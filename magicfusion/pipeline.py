@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import ddim
 from .clip import CLIPTextModel
 from .errors import InputError
-from .snb import blend, guidance, snb
+from .snb import guidance, snb
 from .tokenizer import CLIPTokenizer
 from .unet import UNetModel
 from .vae import VAEDecoder
@@ -204,13 +204,17 @@ def sample(models: list, prompts: list, negative_prompt: str = "", steps: int = 
     shape = (batch, models[0].unet.cfg.in_channels, height // LATENT_FACTOR, width // LATENT_FACTOR)
     x = torch.randn(shape, generator=gen, dtype=torch.float32).to(device)
     tab = make_tables(steps, eta, fuse_from, fuse_until, gen, shape, device)
+    if len(models) > 1 and not tab.window.any():
+        raise InputError(f"no step of this run has fuse_until < t <= fuse_from ({fuse_until} < t <= {fuse_from}; "
+                         f"its timesteps run from {int(tab.t[0])} down to {int(tab.t[-1])}); widen the window")
     unets = [m.unet for m in models]
     if graph is None:
         graph = device.type == "cuda"
     bar = tqdm(total=steps, disable=None if progress else True, desc="sampling", unit="step", leave=False)
     if graph:  # on CPU the same runner steps without capture (that is how the tests check it)
         from .graph import graph_for
-        x, masks = graph_for(models, contexts, x, tab, guidance_scale, opts).run(x, contexts, tab, bar)
+        runner = graph_for(models, contexts, x, tab, guidance_scale, opts)
+        x, masks = runner.run(x, contexts, tab, guidance_scale, opts.ks, bar)
     else:
         masks = []
         for i in range(steps):
@@ -248,12 +252,14 @@ def fuse(general: Model, expert, prompt: str, expert_prompt=None, negative_promp
     The fused latents are decoded by the general model's VAE.
     """
     experts = list(expert) if isinstance(expert, (list, tuple)) else [expert]
-    n = len(experts)
-    eprompts = expert_prompt if isinstance(expert_prompt, (list, tuple)) else [expert_prompt or prompt] * n
-    kes = list(ke) if isinstance(ke, (list, tuple)) else [ke] * n
-    if len(eprompts) != n or len(kes) != n:
-        raise InputError(f"got {n} experts but {len(eprompts)} expert prompts and {len(kes)} ke values; give one each")
+    if not experts:
+        raise InputError("fuse needs at least one expert model; for one model alone use generate")
+    eprompts = per_expert(prompt if expert_prompt is None else expert_prompt, len(experts), "expert prompts")
+    kes = per_expert(ke, len(experts), "ke values")
     check_compatible([general] + experts)
+    if blur and min(height, width) < 2 * LATENT_FACTOR:
+        raise InputError(f"the saliency blur needs images of at least 16 px a side, got {width}x{height}; "
+                         "use a larger size or blur=False (--no-blur)")
     if outside not in ("general", "expert"):
         raise InputError(f"outside must be 'general' or 'expert', got {outside!r}")
     if saliency_reference not in ("general", "own"):
@@ -267,6 +273,16 @@ def fuse(general: Model, expert, prompt: str, expert_prompt=None, negative_promp
     latents, masks, seed = sample([general] + experts, [prompt] + eprompts, negative_prompt, steps, guidance, eta,
                                   seed, height, width, batch, opts, fuse_from, fuse_until, clip_skip, graph, progress)
     return FuseResult(decode(general, latents), list(masks.unbind(0)), seed)
+
+
+def per_expert(value, n: int, what: str) -> list:
+    """One value for every expert (a scalar or a one-item list), or a list of one per expert."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if len(values) == 1:
+        values *= n
+    if len(values) != n:
+        raise InputError(f"got {n} experts but {len(values)} {what}; give one for all or one per expert")
+    return values
 
 
 def check_compatible(models: list) -> None:

@@ -19,9 +19,10 @@ from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_to
 
 from .errors import InputError
 
-TOKENIZER_HINT = ("get CLIP ViT-L/14's vocab.json and merges.txt from the `tokenizer/` folder of any Stable "
-                  "Diffusion 1.x diffusers repository (e.g. the Hugging Face repo runwayml/stable-diffusion-v1-5 "
-                  "or openai/clip-vit-large-patch14)")
+TOKENIZER_HINT = ("get CLIP ViT-L/14's vocab.json and merges.txt from the `tokenizer/` folder of a Stable "
+                  "Diffusion 1.x diffusers repository on Hugging Face (CompVis/stable-diffusion-v1-4, "
+                  "stable-diffusion-v1-5/stable-diffusion-v1-5) or the top of openai/clip-vit-large-patch14, "
+                  "into weights/tokenizer/ or a folder given with --tokenizer")
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # CLIP's pre-tokenizer: contractions, letter runs, single digits, runs of other non-space characters.
 # CLIP's regex also lists <|startoftext|> and <|endoftext|>; here they are added tokens, matched before

@@ -38,6 +38,9 @@ SMALL = dict(steps=2, height=64, width=64, progress=False)
     (dict(eta=-1.0), "eta"),
     (dict(guidance=float("nan")), "guidance"),
     (dict(clip_skip=5), "clip skip"),
+    (dict(height=8), "16 px"),
+    (dict(fuse_from=100, fuse_until=900), "widen the window"),
+    (dict(steps=2, fuse_from=600, fuse_until=510), "widen the window"),  # t = 501, 1: the window holds neither
 ])
 def test_fuse_refuses_bad_arguments(pair, kwargs, words):
     with pytest.raises(magicfusion.InputError, match=words) as e:
@@ -70,3 +73,23 @@ def test_random_seed_is_reported_and_reproducible(pair):
     assert np.array_equal(np.asarray(images[0]), np.asarray(again[0]))
     result = magicfusion.fuse(pair[0], pair[1], "a lion", seed=-1, **SMALL)
     assert result.seed >= 0 and len(result.masks) == SMALL["steps"]
+
+
+def test_fuse_needs_an_expert_and_takes_an_empty_expert_prompt_literally(pair):
+    with pytest.raises(magicfusion.InputError, match="at least one expert"):
+        magicfusion.fuse(pair[0], [], "a lion", **SMALL)
+    default = magicfusion.fuse(pair[0], pair[1], "a lion", **SMALL)
+    same = magicfusion.fuse(pair[0], pair[1], "a lion", expert_prompt="a lion", **SMALL)
+    empty = magicfusion.fuse(pair[0], pair[1], "a lion", expert_prompt="", **SMALL)
+    assert np.array_equal(np.asarray(default.fused[0]), np.asarray(same.fused[0]))
+    assert not np.array_equal(np.asarray(default.fused[0]), np.asarray(empty.fused[0]))
+
+
+def test_tokenizer_given_by_environment_must_exist(tmp_path, monkeypatch):
+    path = write_checkpoint(tmp_path / "m.safetensors", "tiny", seed=1)
+    monkeypatch.setenv("MAGICFUSION_TOKENIZER", str(tmp_path / "missing"))
+    with pytest.raises(magicfusion.InputError, match="MAGICFUSION_TOKENIZER"):
+        magicfusion.load(path)
+    write_tiny_vocab(tmp_path / "tok")
+    monkeypatch.setenv("MAGICFUSION_TOKENIZER", str(tmp_path / "tok"))
+    assert magicfusion.load(path).tokenizer.vocab_size < 1000

@@ -487,6 +487,24 @@ def test_fuse_writes_four_pngs_equal_to_the_api(weights, models, tmp_path, capsy
     assert "Fuse until" not in png_parameters(out / "general.png")
     assert fields(png_parameters(out / "general.png"))["Model"] == weights[0].stem
     np.testing.assert_array_equal(np.asarray(Image.open(out / "masks.png")), np.asarray(mask_grid(result.masks, 2)))
+    assert png_parameters(out / "masks.png") == fused
+
+
+def test_mask_grid_shades_each_model():
+    import torch
+    masks = [torch.tensor([[[0, 1, 2]]], dtype=torch.uint8)] * 2  # one batch item, three latent pixels, 2 steps
+    grid = np.asarray(mask_grid(masks, 3, scale=1))
+    first_tile = grid[1, 1:4]  # row 1 (below the grid line), the tile's three pixels
+    assert first_tile[0].tolist() == [255] * 3 and first_tile[1].tolist() == [0] * 3  # general white, expert 1 black
+    assert 0 < first_tile[2][0] < 255 and len(set(first_tile[2].tolist())) == 1  # expert 2 a gray
+    assert len(set(map(tuple, grid[0].tolist()))) == 1 and tuple(grid[0, 0]) not in {(255,) * 3, (0,) * 3}
+
+
+def test_demo_weights_folder_that_is_a_file_exits_2(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main(["demo", "--out", str(tmp_path / "out"), "--weights", str(tmp_path / "afile")]) == 2
+    assert "--weights" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
 
 
 def test_fused_only_writes_fused_and_masks(weights, tmp_path, capsys):

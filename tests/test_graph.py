@@ -43,19 +43,43 @@ def test_fuse_runner_equals_eager(models, window, outside):
     assert all(torch.equal(a, b) for a, b in zip(g.masks, e.masks))
 
 
-def test_runner_is_reused_with_new_prompts_and_seeds_then_released(models):
+def test_runner_is_reused_with_new_prompts_seeds_and_settings_then_released(models):
     general = models[0]
     general.release_graphs()
-    kw = dict(steps=3, height=64, width=64, progress=False)
-    for prompt, seed in (("a lion", 1), ("a bee making honey", 2)):
-        g = magicfusion.fuse(general, models[1], prompt, seed=seed, graph=True, **kw)
-        e = magicfusion.fuse(general, models[1], prompt, seed=seed, graph=False, **kw)
-        assert same(g.fused, e.fused)
+    kw = dict(height=64, width=64, progress=False)
+    runs = [dict(prompt="a lion", seed=1, steps=3), dict(prompt="a bee making honey", seed=2, steps=3, guidance=5.0),
+            dict(prompt="a lion", seed=3, steps=2, ke=3.0, kg=0.5)]  # fewer steps: the same tables serve
+    for r in runs:
+        g = magicfusion.fuse(general, models[1], graph=True, **kw, **r)
+        e = magicfusion.fuse(general, models[1], graph=False, **kw, **r)
+        assert same(g.fused, e.fused) and len(g.masks) == r["steps"]
+        assert all(torch.equal(a, b) for a, b in zip(g.masks, e.masks))
     assert len(general.graphs) == 1
-    magicfusion.fuse(general, models[1], "a lion", graph=True, **dict(kw, steps=4))  # another step count: new entry
+    magicfusion.fuse(general, models[1], "a lion", graph=True, steps=5, **kw)  # more steps: recaptured in place
+    assert len(general.graphs) == 1 and next(iter(general.graphs.values())).capacity == 5
+    magicfusion.fuse(general, models[1], "a lion", graph=True, steps=2, blur=False, **kw)  # other kernels: new entry
     assert len(general.graphs) == 2
     general.release_graphs()
     assert not general.graphs
+
+
+def test_runner_of_released_model_refuses_to_replay(tmp_path):
+    from magicfusion.graph import graph_for
+    from magicfusion.pipeline import FuseOptions, encode_prompt, make_tables
+    write_tiny_vocab(tmp_path)
+    ms = [magicfusion.load(write_checkpoint(tmp_path / f"m{s}.safetensors", "tiny", seed=s), tokenizer=tmp_path)
+          for s in (1, 2)]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=gen)
+    tab = make_tables(2, 0.0, 1000, -1, gen, tuple(x.shape), "cpu")
+    ctx = [encode_prompt(m, "a lion", "", 1) for m in ms]
+    runner = graph_for(ms, ctx, x, tab, 7.5, FuseOptions(ks=(1.0, 1.0)))
+    del ms[1]
+    gc.collect()
+    with pytest.raises(RuntimeError, match="released"):
+        runner.run(x, ctx, tab, 7.5, (1.0, 1.0))
+    assert graph_for(ms[:1], ctx[:1], x, tab, 7.5, FuseOptions()) is not runner  # the dead entry is dropped
+    assert len(ms[0].graphs) == 1
 
 
 def test_runner_counter_and_tables_are_device_state(models):
@@ -67,7 +91,7 @@ def test_runner_counter_and_tables_are_device_state(models):
     tab = make_tables(3, 0.0, 1000, -1, gen, tuple(x.shape), "cpu")
     ctx = [encode_prompt(m, "a lion", "", 1)]
     runner = graph_for([m], ctx, x, tab, 7.5, FuseOptions())
-    out, masks = runner.run(x, ctx, tab)
+    out, masks = runner.run(x, ctx, tab, 7.5, (1.0,))
     assert runner.counter.item() == 3 and masks.shape == (3, 1, 8, 8)
     assert not torch.equal(out, x)
     m.release_graphs()
@@ -87,10 +111,13 @@ def test_cuda_graph_replay_matches_eager(tmp_path, dtype):
     e = magicfusion.fuse(ms[0], ms[1], "a lion", graph=False, **kw)
     diff = np.abs(np.asarray(g.fused[0], dtype=np.int16) - np.asarray(e.fused[0], dtype=np.int16))
     assert diff.max() <= 2, diff.max()
-    one_g = magicfusion.generate(ms[0], "a lion", graph=True, **dict(kw, fuse_until=None) if False else
-                                 dict(steps=6, height=64, width=64, seed=1, progress=False))
+    # the same kernels in the same order: masks agree but for rare near-ties flipped by half-precision rounding
+    assert all((a == b).float().mean() > 0.95 for a, b in zip(g.masks, e.masks))
+    one_g = magicfusion.generate(ms[0], "a lion", graph=True, steps=6, height=64, width=64, seed=1, progress=False)
     one_e = magicfusion.generate(ms[0], "a lion", graph=False, steps=6, height=64, width=64, seed=1, progress=False)
     assert np.abs(np.asarray(one_g[0], dtype=np.int16) - np.asarray(one_e[0], dtype=np.int16)).max() <= 2
+    single_step = magicfusion.generate(ms[0], "a lion", graph=True, steps=1, height=64, width=64, progress=False)
+    assert np.asarray(single_step[0]).std() > 0  # one-row tables: the warm-up must not step past them
     ms[0].release_graphs()
     gc.collect()
 

@@ -199,7 +199,7 @@ def assert_input_error(folder, *needles):
 
 
 def test_errors(tiny_dir, tmp_path):
-    assert_input_error(tmp_path / "nowhere", "nowhere", "not found", "runwayml/stable-diffusion-v1-5")
+    assert_input_error(tmp_path / "nowhere", "nowhere", "not found", "stable-diffusion-v1-5/stable-diffusion-v1-5", "vocab.json")
     (tmp_path / "empty").mkdir()
     assert_input_error(tmp_path / "empty", "vocab.json", "missing", "openai/clip-vit-large-patch14")
     vocab_text = (tiny_dir / "vocab.json").read_text(encoding="utf-8")

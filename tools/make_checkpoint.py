@@ -10,12 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
+from magicfusion.checkpoint import DTYPES
 from magicfusion.demo import CONFIGS, write_checkpoint
 from magicfusion.tokenizer import write_tiny_vocab
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def main(argv=None) -> int:

@@ -32,6 +32,11 @@ import torch
 from .pipeline import FuseOptions, Tables, fused_step
 
 
+def tensors(tab: Tables) -> tuple:
+    """The device tables (the graph reads these; `in_window` is the eager loop's host copy)."""
+    return tab.t, tab.alpha, tab.alpha_prev, tab.sigma, tab.window, tab.noise
+
+
 class StepGraph:
     def __init__(self, unets: list, contexts: list, x: torch.Tensor, tab: Tables, scale: float, opts: FuseOptions):
         self.unets = [weakref.ref(u) for u in unets]  # the cache must not keep released models alive
@@ -41,7 +46,7 @@ class StepGraph:
         # temperatures are device scalars too, so changing them needs no new capture.
         self.x = x.clone()
         self.contexts = [c.clone() for c in contexts]
-        self.tab = Tables(*(v.clone() if v is not None else None for v in vars(tab).values()))
+        self.tab = Tables(*(v.clone() if v is not None else None for v in tensors(tab)))
         self.scale = torch.tensor(float(scale), device=x.device)
         self.ks = torch.tensor([float(k) for k in opts.ks], device=x.device)
         self.opts = dataclasses.replace(opts, ks=tuple(self.ks.unbind()))  # views of self.ks
@@ -99,7 +104,7 @@ class StepGraph:
         self.x.copy_(x)
         for static, c in zip(self.contexts, contexts):
             static.copy_(c)
-        for static, v in zip(vars(self.tab).values(), vars(tab).values()):
+        for static, v in zip(tensors(self.tab), tensors(tab)):
             if v is not None:
                 static[:steps].copy_(v)
         self.scale.fill_(float(scale))

@@ -72,6 +72,7 @@ class Tables:
     sigma: torch.Tensor
     window: torch.Tensor             # (steps,) bool: SNB runs at this step
     noise: torch.Tensor | None       # (steps, B, 4, h, w) float32 eta noise, None when eta == 0
+    in_window: tuple = ()            # the window again, on the host: the eager loop reads it without a sync
 
     def row(self, i) -> list:
         """Step i's (t, alpha, alpha_prev, sigma, window, noise). `i` is an int (eager loop) or a (1,) int64 device
@@ -126,7 +127,8 @@ def make_tables(steps: int, eta: float, fuse_from: int, fuse_until: int, generat
     window = (s.t > fuse_until) & (s.t <= fuse_from)
     # one draw per step, in step order, exactly as the reference scheduler consumes the generator
     noise = torch.stack([torch.randn(shape, generator=generator) for _ in range(steps)]) if eta > 0 else None
-    return Tables(*(x.to(device) if x is not None else None for x in (s.t, s.alpha, s.alpha_prev, s.sigma, window, noise)))
+    on_device = (x.to(device) if x is not None else None for x in (s.t, s.alpha, s.alpha_prev, s.sigma, window, noise))
+    return Tables(*on_device, in_window=tuple(window.tolist()))
 
 
 def predict(unet: UNetModel, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor):
@@ -160,7 +162,7 @@ def fused_step(unets: list, contexts: list, x: torch.Tensor, i, tab: Tables, sca
     """
     t, alpha, alpha_prev, sigma, in_window, noise = tab.row(i)
     n = len(unets)
-    if n == 1 or (isinstance(i, int) and not bool(in_window)):
+    if n == 1 or (isinstance(i, int) and not tab.in_window[i]):
         u, c = predict(unets[opts.outside], x, t, contexts[opts.outside])
         eps, index = guidance(u, c, scale), torch.full_like(x[:, 0], opts.outside, dtype=torch.int64)
     else:
@@ -204,7 +206,7 @@ def sample(models: list, prompts: list, negative_prompt: str = "", steps: int = 
     shape = (batch, models[0].unet.cfg.in_channels, height // LATENT_FACTOR, width // LATENT_FACTOR)
     x = torch.randn(shape, generator=gen, dtype=torch.float32).to(device)
     tab = make_tables(steps, eta, fuse_from, fuse_until, gen, shape, device)
-    if len(models) > 1 and not tab.window.any():
+    if len(models) > 1 and not any(tab.in_window):
         raise InputError(f"no step of this run has fuse_until < t <= fuse_from ({fuse_until} < t <= {fuse_from}; "
                          f"its timesteps run from {int(tab.t[0])} down to {int(tab.t[-1])}); widen the window")
     unets = [m.unet for m in models]

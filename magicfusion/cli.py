@@ -13,12 +13,15 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .checkpoint import DTYPES
+from .checkpoint import DTYPES, load
+from .demo import ensure_demo_weights
 from .errors import InputError
+from .pipeline import fuse, generate, per_expert, validate
 
 
 class Parser(argparse.ArgumentParser):
@@ -166,7 +169,6 @@ def save_all(items: list) -> None:
 def mask_grid(masks: list, n_models: int, scale: int = 4) -> Image.Image:
     """One tile per step (row by row), each the (B, h, w) winner map with the batch side by side: white where the
     general model's noise was used, black where the first expert's, grays (darkest first) for further experts."""
-    import numpy as np
     steps = len(masks)
     b, h, w = masks[0].shape
     cols = math.ceil(math.sqrt(steps))
@@ -185,7 +187,6 @@ def mask_grid(masks: list, n_models: int, scale: int = 4) -> Image.Image:
 
 
 def load_models(a, paths: list, device, dtype) -> list:
-    from .checkpoint import load
     return [load(p, tokenizer=a.tokenizer, device=device, dtype=dtype, ema=a.ema) for p in paths]
 
 
@@ -195,7 +196,6 @@ def say(a, message: str) -> None:
 
 
 def run_generate(a) -> None:
-    from .pipeline import generate, validate
     device = pick_device(a.device)
     dtype = pick_dtype(a.dtype, device)
     validate(a.steps, a.guidance, a.eta, 0 if a.seed == -1 else a.seed, a.height, a.width, a.batch)
@@ -213,7 +213,6 @@ def run_generate(a) -> None:
 
 
 def run_fuse(a) -> None:
-    from .pipeline import fuse, generate, per_expert, validate
     device = pick_device(a.device)
     dtype = pick_dtype(a.dtype, device)
     validate(a.steps, a.guidance, a.eta, 0 if a.seed == -1 else a.seed, a.height, a.width, a.batch)
@@ -265,7 +264,6 @@ def run_fuse(a) -> None:
 
 
 def run_demo(a) -> None:
-    from .demo import ensure_demo_weights
     try:
         general, expert, tok = ensure_demo_weights(a.weights)
     except OSError as e:

@@ -343,7 +343,7 @@ def table(res: dict) -> str:
             lines.append(f"| {label} | " + " | ".join(f(row[k]) for k in "abc") + " | " +
                          " | ".join(f(row[k], "x") for k in ("c/a", "c/b")) + " |")
     cap = res["graph_capture_s"]
-    lines.append(f"| graph build: 2 warm-up steps + capture, fused / single (s) | — | " +
+    lines.append("| graph build: 2 warm-up steps + capture, fused / single (s) | — | " +
                  (f"{f(cap['fused'])} / {f(cap['single'])}" if cuda else "(no capture on CPU)") + " | — | | |")
     if cuda:
         lines += ["", "Peak memory counts each variant's own weights (all variants are resident in this one process) "

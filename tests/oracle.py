@@ -6,7 +6,6 @@ key map under test (ours) and the one doing the conversion here (theirs) are ind
 """
 from __future__ import annotations
 
-import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from transformers import CLIPTextConfig as HFCLIPConfig

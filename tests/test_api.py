@@ -4,7 +4,6 @@ import dataclasses
 import numpy as np
 
 import pytest
-import torch
 
 import magicfusion
 from magicfusion.demo import write_checkpoint

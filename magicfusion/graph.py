@@ -20,6 +20,9 @@ models were released is dropped at the next lookup, and a held runner refuses to
 All models' UNets run at every step here, also outside the fusion window, where the window's `torch.where`
 picks the outside model's noise: the graph cannot skip work on a device-side condition. The eager loop, which
 knows the step on the host, runs only the model it needs there.
+
+The host queues all of a run's replays at once, each followed by a CUDA event; the progress bar then advances as
+those events complete, so it shows steps the GPU has finished rather than launches.
 """
 from __future__ import annotations
 
@@ -111,8 +114,18 @@ class StepGraph:
         self.ks.copy_(torch.tensor([float(k) for k in ks]))
         self.counter.zero_()
         with self.on_device():
+            events = []
             for _ in range(steps):
-                self.graph.replay() if self.graph is not None else self.step()
+                if self.graph is None:
+                    self.step()  # no capture (CPU): the step is done when the call returns
+                    if bar is not None:
+                        bar.update()
+                else:
+                    self.graph.replay()  # returns at launch, long before the step is done: mark its end
+                    events.append(torch.cuda.Event())
+                    events[-1].record()
+            for event in events:  # every step is queued already; the bar follows the GPU finishing them
+                event.synchronize()
                 if bar is not None:
                     bar.update()
         return self.x.clone(), self.masks[:steps].clone()

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_runs_and_its_numbers_are_consistent(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "tools" / "bench.py"), "--device", "cpu", "--config", "tiny", "--height", "64",
-           "--width", "64", "--steps", "3", "--timed-steps", "2", "--warmup", "1", "--quiet", "--json", str(out)]
+           "--width", "64", "--steps", "3", "--timed-steps", "2", "--warmup", "1", "--quiet", "--json", str(out),
+           "--profile", "2", "--channels-last"]
     # one intra-op thread: tiny convolutions gain nothing from more, and lose a lot when the machine is busy
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -34,6 +35,20 @@ def test_bench_runs_and_its_numbers_are_consistent(tmp_path):
     env = res["env"]
     assert (env["device_type"], env["config"], env["dtype"], env["steps"], env["timed_steps"]) == \
         ("cpu", "tiny", "float32", 3, 2)
+
+    # the matrix work of a step: two same-shaped models do twice one model's; throughput is work over time
+    tflop = res["step_tflop"]
+    assert tflop["single"] > 0 and tflop["fused"] == pytest.approx(2 * tflop["single"])
+    for kind in ("fused", "single"):
+        for k in "abc":
+            assert res["achieved_tflop_per_s"][kind][k] == pytest.approx(tflop[kind] * 1e3 / res[f"{kind}_step_ms"][k])
+    # the profile: every variant, its time split by kind, the parts summing to the total, the convolutions seen
+    prof = res["profile_ms_per_step"]
+    assert set(prof) == {f"{kind}/{k}" for kind in ("fused", "single") for k in "abc"}
+    for row in prof.values():
+        assert row["convolution"] > 0 and row["matmul"] > 0
+        assert sum(v for k, v in row.items() if k != "total") == pytest.approx(row["total"])
+    assert env["channels_last"] is True
 
     # the printed markdown table carries the same numbers
     assert "| fused step, 2 models (ms) |" in proc.stdout and "no capture on CPU" in proc.stdout

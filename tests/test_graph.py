@@ -150,3 +150,58 @@ def test_graph_step_never_reads_device_values_back_to_the_host(models):
     assert "aten.convolution" in rec.ops and "aten.index_select" in rec.ops  # the recording saw the step
     assert not rec.ops & syncing, rec.ops & syncing
     models[0].release_graphs()
+
+
+def test_graph_step_touches_only_tensors_on_its_own_device(models):
+    """A CPU tensor meeting a CUDA one inside a capture is read once, at capture time, and replayed as a constant
+    (a guidance scale written `torch.tensor(7.5)` would be frozen into the graph). Run the step on the meta device,
+    where no value is ever computed, and check that every op it dispatches sees meta tensors only."""
+    import copy
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from magicfusion.graph import StepGraph
+    from magicfusion.pipeline import FuseOptions, make_tables
+
+    class Devices(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops, self.foreign = 0, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            devices = {t.device.type for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            if devices - {"meta"}:
+                self.foreign.append((str(func), devices))
+            return func(*args, **(kwargs or {}))
+
+    unets = [copy.deepcopy(m.unet).to("meta") for m in models]
+    shape = (2, 4, 8, 8)
+    tab = make_tables(4, 0.5, 900, 300, torch.Generator().manual_seed(0), shape, "meta")
+    contexts = [torch.empty(4, 77, u.cfg.context_dim, device="meta") for u in unets]
+    for opts, n in ((FuseOptions(ks=(1.0, 2.0)), 2), (FuseOptions(ks=(1.0, 2.0), blend="average", outside=1), 2),
+                    (FuseOptions(), 1)):
+        runner = StepGraph(unets[:n], contexts[:n], torch.empty(shape, device="meta"), tab, 7.5, opts)
+        with Devices() as seen:
+            runner.step()
+        assert seen.ops > 100 and not seen.foreign, seen.foreign
+
+
+def test_runner_advances_the_progress_bar_once_per_step(models):
+    from magicfusion.graph import graph_for
+    from magicfusion.pipeline import FuseOptions, encode_prompt, make_tables
+
+    class Bar:
+        n = 0
+
+        def update(self, k=1):
+            self.n += k
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=gen)
+    tab = make_tables(3, 0.0, 1000, -1, gen, tuple(x.shape), "cpu")
+    ctx = [encode_prompt(m, "a lion", "", 1) for m in models]
+    bar = Bar()
+    graph_for(models, ctx, x, tab, 7.5, FuseOptions(ks=(1.0, 1.0))).run(x, ctx, tab, 7.5, (1.0, 1.0), bar)
+    assert bar.n == 3
+    models[0].release_graphs()

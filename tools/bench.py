@@ -11,6 +11,12 @@ three alike:
       diffusers' `AutoencoderKL` for the pixels.
 Single-model rows time plain guided DDIM (one UNet, no SNB) the same three ways.
 
+Also reported: the matrix work of one step (convolutions, matmuls and attention, counted by
+`torch.utils.flop_counter` on the meta device, so nothing is computed) and each variant's achieved TFLOP/s;
+`--profile N` adds, per variant, the device time of N steps by kind of kernel (on a CPU: by operator), which says
+where a step's time goes and, set against the step's wall time, how much of it overlaps or idles;
+`--channels-last` runs every UNet and VAE (ours and diffusers') in the channels-last memory format.
+
 Why the comparison is fair: (c)'s models are built from the very tensors (a) and (b) load (diffusers' own
 single-file converters, tests/oracle.py), in the same dtype on the same device; attention is
 `F.scaled_dot_product_attention` on both sides (diffusers' AttnProcessor2_0 and transformers' "sdpa", set
@@ -48,11 +54,17 @@ from magicfusion.demo import write_checkpoint
 from magicfusion.graph import graph_for
 from magicfusion.pipeline import FuseOptions, encode_prompt, fused_step, make_tables
 from magicfusion.tokenizer import write_tiny_vocab
+from magicfusion.unet import UNetModel
 
 PROMPT, SCALE = "a photo of a red fox in the snow", 7.5
 FUSE_OPTS, SINGLE_OPTS = FuseOptions(ks=(1.0, 1.0)), FuseOptions()  # FUSE_OPTS is what fuse() builds by default
 THRESHOLD = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 1e-1}   # sanity check: max |a - c| / max |c|
 GIB = 2 ** 30
+KERNEL_KINDS = (  # by (lowercased) kernel or operator name, first match wins; the rest is elementwise and glue
+    ("attention", ("flash", "fmha", "attention", "sdp")),
+    ("convolution", ("conv", "fprop", "implicit", "nchw", "nhwc")),  # cuDNN's implicit GEMMs and layout transposes
+    ("matmul", ("gemm", "mm", "matmul", "cutlass", "xmma", "linear")),
+    ("normalization", ("norm",)))
 
 
 def baseline_step(unets, contexts, x, t, sched, scale, ks=(1.0, 1.0)):
@@ -157,6 +169,50 @@ def pool_bytes() -> collections.Counter:
     return out
 
 
+def step_tflop(models, x_shape, ctx_shape, opts) -> float:
+    """TFLOP of one step's matrix work, counted on the meta device (shapes only, no compute, no memory)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        unets = [UNetModel(m.unet.cfg) for m in models]
+        contexts, x = [torch.empty(ctx_shape) for _ in models], torch.empty(x_shape)
+    tab = make_tables(1, 0.0, 1000, -1, None, x_shape, "meta")
+    with FlopCounterMode(display=False) as count:
+        fused_step(unets, contexts, x, 0, tab, SCALE, opts)
+    return count.get_total_flops() / 1e12
+
+
+def kernel_kind(name: str) -> str:
+    name = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in name for k in keys)), "other")
+
+
+def profile_steps(variants, x, steps: int, n: int, device: torch.device) -> dict:
+    """Per variant: milliseconds of device time per step, by kind of kernel, over n profiled steps. On a CPU the
+    'kernels' are the operators' self times."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    out = {}
+    for name, step, runner in variants:
+        if cuda:
+            torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            for r in range(n):
+                if runner is not None and r % steps == 0:  # rewind the graph's own step counter
+                    runner.x.copy_(x)
+                    runner.counter.zero_()
+                step(r % steps)
+            if cuda:
+                torch.cuda.synchronize()
+        kinds = collections.Counter()
+        for evt in prof.key_averages():
+            if cuda and evt.device_type != DeviceType.CUDA:
+                continue
+            kinds[kernel_kind(evt.key)] += (evt.self_device_time_total if cuda else evt.self_cpu_time_total) / 1e3 / n
+        out[name] = dict(kinds, total=sum(kinds.values()))
+    return out
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -170,6 +226,9 @@ def parse(argv=None):
     p.add_argument("--dtype", choices=list(THRESHOLD))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--skip-baseline", action="store_true", help="time (a) and (b) only; no diffusers")
+    p.add_argument("--channels-last", action="store_true", help="UNets and VAEs in the channels-last memory format")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile N steps per variant: device time by kind of kernel")
     p.add_argument("--json", type=Path, help="also write the numbers here")
     p.add_argument("--quiet", action="store_true", help="print only the table")
     a = p.parse_args(argv)
@@ -196,6 +255,9 @@ def main(argv=None) -> int:
         g, e = (magicfusion.load(write_checkpoint(Path(tmp) / f"m{s}.safetensors", a.config, s, dtype), tokenizer=tmp,
                                  device=device, dtype=dtype) for s in (1, 2))
     ref = build_baseline(g, e, device, dtype) if baseline else None
+    if a.channels_last:
+        for module in [g.unet, e.unet, g.vae, e.vae] + ([*ref["unets"], ref["vae"]] if baseline else []):
+            module.to(memory_format=torch.channels_last)
 
     # fixed inputs of the per-step timings: latents, the run's tables, each side's own text encoding
     gen = torch.Generator("cpu").manual_seed(0)
@@ -261,6 +323,13 @@ def main(argv=None) -> int:
             if r >= a.warmup:
                 times[name].append(ms)
     step_ms = {k: statistics.median(v) for k, v in times.items()}
+    ctx_shape = tuple(ctx[0].shape)
+    tflop = {"fused": step_tflop([g, e], x.shape, ctx_shape, FUSE_OPTS), "single": step_tflop([g], x.shape, ctx_shape,
+                                                                                              SINGLE_OPTS)}
+    prof = None
+    if a.profile:
+        log(f"profiling {a.profile} steps per variant ...")
+        prof = profile_steps(variants, x, a.steps, a.profile, device)
 
     log(f"end to end: {a.runs} run(s) of {a.steps} steps per variant ...")
     kw = dict(steps=a.steps, height=a.height, width=a.width, batch=a.batch, progress=False)
@@ -291,11 +360,13 @@ def main(argv=None) -> int:
                 f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)",
                 "device_type": device.type, "config": a.config, "dtype": a.dtype, "height": a.height,
                 "width": a.width, "batch": a.batch, "steps": a.steps, "timed_steps": a.timed_steps,
-                "warmup": a.warmup, "runs": a.runs, "torch": torch.__version__,
+                "warmup": a.warmup, "runs": a.runs, "channels_last": a.channels_last, "torch": torch.__version__,
                 "diffusers": __import__("diffusers").__version__ if baseline else None,
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 "command": " ".join(shlex.quote(s) for s in ["python"] + sys.argv)},
         "sanity": sanity,
+        "step_tflop": tflop,
+        "profile_ms_per_step": prof,
         "graph_capture_s": capture_s,
         "graph_pool_gib": {k: v / GIB for k, v in pools.items()} if cuda else None,
     }
@@ -307,6 +378,8 @@ def main(argv=None) -> int:
         if row is not None:
             row.update({f"c/{k}": row["c"] / row[k] if row["c"] and row[k] else None for k in "ab"})
         res[key] = row
+    res["achieved_tflop_per_s"] = {kind: {k: tflop[kind] * 1e3 / step_ms[f"{kind}/{k}"] if f"{kind}/{k}" in step_ms
+                                          else None for k in "abc"} for kind in tflop}
     print(table(res))
     if a.json:
         a.json.write_text(json.dumps(res, indent=2) + "\n")
@@ -342,6 +415,10 @@ def table(res: dict) -> str:
         if row is not None:
             lines.append(f"| {label} | " + " | ".join(f(row[k]) for k in "abc") + " | " +
                          " | ".join(f(row[k], "x") for k in ("c/a", "c/b")) + " |")
+    for kind, label in (("fused", "fused step"), ("single", "single-model step")):
+        row = res["achieved_tflop_per_s"][kind]
+        lines.append(f"| {label}: achieved TFLOP/s ({f(res['step_tflop'][kind])} TFLOP of matrix work) | " +
+                     " | ".join(f(row[k]) for k in "abc") + " | | |")
     cap = res["graph_capture_s"]
     lines.append("| graph build: 2 warm-up steps + capture, fused / single (s) | — | " +
                  (f"{f(cap['fused'])} / {f(cap['single'])}" if cuda else "(no capture on CPU)") + " | — | | |")
@@ -349,6 +426,20 @@ def table(res: dict) -> str:
         lines += ["", "Peak memory counts each variant's own weights (all variants are resident in this one process) "
                   "plus the run's peak above them; (b) adds its graph's private memory pool "
                   f"({f(res['graph_pool_gib'].get('fused'))} GiB)."]
+    prof = res["profile_ms_per_step"]
+    if prof:
+        kinds = [k for k, _ in KERNEL_KINDS] + ["other"]
+        what = "kernel" if cuda else "operator (self time)"
+        gap = ("kernel time above the wall time ran concurrently; below it, the GPU idled, waiting for launches"
+               if cuda else "the wall time above the operators' total is Python and dispatch overhead")
+        lines += ["", f"Where a step's time goes: {what} milliseconds per step by kind, from `torch.profiler`, against "
+                  f"the step's median wall time ({gap})", "",
+                  "| variant | wall | " + " | ".join(kinds) + f" | {what} total |",
+                  "|---" * (len(kinds) + 3) + "|"]
+        for name, row in prof.items():
+            wall = res[f"{name.split('/')[0]}_step_ms"][name.split("/")[1]]
+            lines.append(f"| {name} | {f(wall)} | " + " | ".join(f(row.get(k, 0.0)) for k in kinds) +
+                         f" | {f(row['total'])} |")
     return "\n".join(lines)
 
 

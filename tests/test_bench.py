@@ -31,14 +31,19 @@ def test_bench_runs_and_its_numbers_are_consistent(tmp_path):
         assert all(row[k] > 0 for k in "abc"), (key, row)
         assert row["c/a"] == pytest.approx(row["c"] / row["a"])
         assert row["c/b"] == pytest.approx(row["c"] / row["b"])
+    for key in ("text_ms", "vae_ms"):  # once per image, outside the step graph: (b) has no column of its own
+        row = res[key]
+        assert row["a"] > 0 and row["c"] > 0 and row["b"] is None and row["c/b"] is None, (key, row)
+        assert row["c/a"] == pytest.approx(row["c"] / row["a"])
     assert res["peak_gib"] is None and res["graph_capture_s"] == {"fused": None, "single": None}  # CUDA only
     env = res["env"]
     assert (env["device_type"], env["config"], env["dtype"], env["steps"], env["timed_steps"]) == \
         ("cpu", "tiny", "float32", 3, 2)
 
     # the matrix work of a step: two same-shaped models do twice one model's; throughput is work over time
-    tflop = res["step_tflop"]
+    tflop = res["work_tflop"]
     assert tflop["single"] > 0 and tflop["fused"] == pytest.approx(2 * tflop["single"])
+    assert tflop["text"] > 0 and tflop["vae"] > 0
     for kind in ("fused", "single"):
         for k in "abc":
             assert res["achieved_tflop_per_s"][kind][k] == pytest.approx(tflop[kind] * 1e3 / res[f"{kind}_step_ms"][k])

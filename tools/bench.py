@@ -50,11 +50,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 import magicfusion
+from magicfusion.clip import CLIPTextModel
 from magicfusion.demo import write_checkpoint
 from magicfusion.graph import graph_for
-from magicfusion.pipeline import FuseOptions, encode_prompt, fused_step, make_tables
+from magicfusion.pipeline import FuseOptions, decode, encode_prompt, fused_step, make_tables
 from magicfusion.tokenizer import write_tiny_vocab
 from magicfusion.unet import UNetModel
+from magicfusion.vae import VAEDecoder
 
 PROMPT, SCALE = "a photo of a red fox in the snow", 7.5
 FUSE_OPTS, SINGLE_OPTS = FuseOptions(ks=(1.0, 1.0)), FuseOptions()  # FUSE_OPTS is what fuse() builds by default
@@ -106,6 +108,11 @@ def baseline_fuse(ref, tokenizer, steps, height, width, batch, seed=0):
     x = torch.randn((batch, 4, height // 8, width // 8), generator=gen).to(device)
     for t in sched.timesteps:
         x, _ = baseline_step(ref["unets"], contexts, x, t, sched, SCALE)
+    return baseline_decode(ref, x)
+
+
+def baseline_decode(ref, x):
+    """(c) latents -> PIL images with diffusers' AutoencoderKL."""
     px = ref["vae"].decode(x.to(ref["vae"].dtype) / ref["vae"].config.scaling_factor).sample.float()
     px = (px / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in px]
@@ -169,16 +176,26 @@ def pool_bytes() -> collections.Counter:
     return out
 
 
-def step_tflop(models, x_shape, ctx_shape, opts) -> float:
-    """TFLOP of one step's matrix work, counted on the meta device (shapes only, no compute, no memory)."""
+def work_tflop(g, e, x_shape, ctx_shape) -> dict:
+    """TFLOP of matrix work (convolutions, matmuls, attention) in each part of a run, counted by running fresh
+    copies of the models on the meta device: shapes only, nothing computed, nothing allocated."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
-        unets = [UNetModel(m.unet.cfg) for m in models]
-        contexts, x = [torch.empty(ctx_shape) for _ in models], torch.empty(x_shape)
+        unets = [UNetModel(m.unet.cfg) for m in (g, e)]
+        clip, vae = CLIPTextModel(g.text_encoder.cfg), VAEDecoder(g.vae.cfg)
+        contexts, x = [torch.empty(ctx_shape) for _ in unets], torch.empty(x_shape)
+        ids = torch.zeros((2, ctx_shape[1]), dtype=torch.int64)
     tab = make_tables(1, 0.0, 1000, -1, None, x_shape, "meta")
-    with FlopCounterMode(display=False) as count:
-        fused_step(unets, contexts, x, 0, tab, SCALE, opts)
-    return count.get_total_flops() / 1e12
+    parts = {"fused": lambda: fused_step(unets, contexts, x, 0, tab, SCALE, FUSE_OPTS),
+             "single": lambda: fused_step(unets[:1], contexts[:1], x, 0, tab, SCALE, SINGLE_OPTS),
+             "text": lambda: [clip(ids) for _ in unets],  # each model encodes its [negative, prompt] pair
+             "vae": lambda: vae(x)}
+    out = {}
+    for name, run in parts.items():
+        with FlopCounterMode(display=False) as count:
+            run()
+        out[name] = count.get_total_flops() / 1e12
+    return out
 
 
 def kernel_kind(name: str) -> str:
@@ -323,9 +340,22 @@ def main(argv=None) -> int:
             if r >= a.warmup:
                 times[name].append(ms)
     step_ms = {k: statistics.median(v) for k, v in times.items()}
-    ctx_shape = tuple(ctx[0].shape)
-    tflop = {"fused": step_tflop([g, e], x.shape, ctx_shape, FUSE_OPTS), "single": step_tflop([g], x.shape, ctx_shape,
-                                                                                              SINGLE_OPTS)}
+    tflop = work_tflop(g, e, tuple(x.shape), tuple(ctx[0].shape))
+
+    # the parts that run once per image, outside the step graph: are they worth graphing too?
+    parts = {"text": {"a": lambda: [encode_prompt(m, PROMPT, "", a.batch) for m in (g, e)]},
+             "vae": {"a": lambda: decode(g, x)}}
+    if baseline:
+        parts["text"]["c"] = lambda: [clip(input_ids=g.tokenizer(["", PROMPT]).to(device)).last_hidden_state
+                                      for clip in ref["clips"]]
+        parts["vae"]["c"] = lambda: baseline_decode(ref, x)
+    part_times = collections.defaultdict(list)
+    for r in range(a.warmup + a.timed_steps):
+        for part, sides in parts.items():
+            for k, run in sides.items():
+                ms = timer(run)
+                if r >= a.warmup:
+                    part_times[part, k].append(ms)
     prof = None
     if a.profile:
         log(f"profiling {a.profile} steps per variant ...")
@@ -365,13 +395,17 @@ def main(argv=None) -> int:
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 "command": " ".join(shlex.quote(s) for s in ["python"] + sys.argv)},
         "sanity": sanity,
-        "step_tflop": tflop,
+        "work_tflop": tflop,
         "profile_ms_per_step": prof,
         "graph_capture_s": capture_s,
         "graph_pool_gib": {k: v / GIB for k, v in pools.items()} if cuda else None,
     }
     rows = [("fused_step_ms", {k: step_ms.get("fused/" + k) for k in "abc"}),
             ("single_step_ms", {k: step_ms.get("single/" + k) for k in "abc"}),
+            ("text_ms", {k: statistics.median(part_times["text", k]) if ("text", k) in part_times else None
+                         for k in "abc"}),
+            ("vae_ms", {k: statistics.median(part_times["vae", k]) if ("vae", k) in part_times else None
+                        for k in "abc"}),
             ("e2e_s", {k: statistics.median(secs[k]) if secs[k] else None for k in "abc"}),
             ("peak_gib", {k: peak.get(k) for k in "abc"} if cuda else None)]
     for key, row in rows:
@@ -379,7 +413,7 @@ def main(argv=None) -> int:
             row.update({f"c/{k}": row["c"] / row[k] if row["c"] and row[k] else None for k in "ab"})
         res[key] = row
     res["achieved_tflop_per_s"] = {kind: {k: tflop[kind] * 1e3 / step_ms[f"{kind}/{k}"] if f"{kind}/{k}" in step_ms
-                                          else None for k in "abc"} for kind in tflop}
+                                          else None for k in "abc"} for kind in ("fused", "single")}
     print(table(res))
     if a.json:
         a.json.write_text(json.dumps(res, indent=2) + "\n")
@@ -409,6 +443,7 @@ def table(res: dict) -> str:
                      f"{'OK' if s['ok'] else 'FAILED'}")
     lines += ["", f"| | (a) ours, eager | {b} | (c) diffusers loop | c/a | c/b |", "|---|---|---|---|---|---|"]
     names = {"fused_step_ms": "fused step, 2 models (ms)", "single_step_ms": "single-model step (ms)",
+             "text_ms": "text encoding, both models (ms)", "vae_ms": "VAE decode to PIL (ms)",
              "e2e_s": "end-to-end fuse, text to PIL (s)", "peak_gib": "peak GPU memory, weights + run (GiB)"}
     for key, label in names.items():
         row = res[key]
@@ -417,7 +452,7 @@ def table(res: dict) -> str:
                          " | ".join(f(row[k], "x") for k in ("c/a", "c/b")) + " |")
     for kind, label in (("fused", "fused step"), ("single", "single-model step")):
         row = res["achieved_tflop_per_s"][kind]
-        lines.append(f"| {label}: achieved TFLOP/s ({f(res['step_tflop'][kind])} TFLOP of matrix work) | " +
+        lines.append(f"| {label}: achieved TFLOP/s ({f(res['work_tflop'][kind])} TFLOP of matrix work) | " +
                      " | ".join(f(row[k]) for k in "abc") + " | | |")
     cap = res["graph_capture_s"]
     lines.append("| graph build: 2 warm-up steps + capture, fused / single (s) | — | " +

@@ -14,15 +14,17 @@ is how the tests check it against the eager loop on machines without a GPU.
 A capture belongs to (models, latent shape and batch, dtype, eta on/off, the fusion options that change which
 kernels run: blur, reference, blend, outside) and lives in the general model's `graphs` cache with its own
 memory pool. Later calls copy their prompts' embeddings, initial noise, tables, guidance scale and softmax
-temperatures into the static buffers and replay. `Model.release_graphs()` frees the graphs; an entry whose
-models were released is dropped at the next lookup, and a held runner refuses to replay.
+temperatures into the static buffers and replay. A graph also holds the addresses of the weights it read at
+capture: it is dropped (and its pool freed) when `Model.release_graphs()` is called, when any of its models is
+garbage-collected, or when their weights move (`.to(...)`, `.half()`), and a runner held past that refuses to
+replay rather than read memory that is no longer its models'.
 
 All models' UNets run at every step here, also outside the fusion window, where the window's `torch.where`
 picks the outside model's noise: the graph cannot skip work on a device-side condition. The eager loop, which
 knows the step on the host, runs only the model it needs there.
 
-The host queues all of a run's replays at once, each followed by a CUDA event; the progress bar then advances as
-those events complete, so it shows steps the GPU has finished rather than launches.
+The host queues all of a run's replays at once. When a progress bar is shown, each replay is followed by a CUDA
+event and the bar advances as those complete, so it counts steps the GPU has finished rather than launches.
 """
 from __future__ import annotations
 
@@ -40,9 +42,17 @@ def tensors(tab: Tables) -> tuple:
     return tab.t, tab.alpha, tab.alpha_prev, tab.sigma, tab.window, tab.noise
 
 
+def weights(unets: list) -> tuple:
+    """Where the models' weights are: a graph reads them at these addresses on every replay."""
+    return tuple(p.data_ptr() for u in unets for p in u.parameters())
+
+
 class StepGraph:
     def __init__(self, unets: list, contexts: list, x: torch.Tensor, tab: Tables, scale: float, opts: FuseOptions):
         self.unets = [weakref.ref(u) for u in unets]  # the cache must not keep released models alive
+        self.weights = weights(unets)
+        self.closed = False
+        self.finalizers = []  # set by graph_for: drop this graph from its cache when one of its models dies
         self.device = x.device
         self.cuda = x.device.type == "cuda"
         # static buffers: the graph reads and writes these addresses on every replay. Guidance and the softmax
@@ -93,14 +103,23 @@ class StepGraph:
             with torch.cuda.graph(self.graph):  # recorded, not run; a private memory pool per graph
                 self.step()
 
-    def alive(self) -> bool:
-        return all(ref() is not None for ref in self.unets)
+    def valid(self) -> bool:
+        """Its models are alive and their weights where the capture read them."""
+        unets = [ref() for ref in self.unets]
+        return not self.closed and all(u is not None for u in unets) and weights(unets) == self.weights
+
+    def close(self) -> None:
+        """Drop the captured graph, so its memory pool can be freed, and stop watching the models."""
+        self.closed, self.graph = True, None
+        for f in self.finalizers:
+            f.detach()
 
     def run(self, x: torch.Tensor, contexts: list, tab: Tables, scale: float, ks: tuple,
             bar=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample a whole run: load this run's inputs into the static buffers, replay once per step."""
-        if not self.alive():
-            raise RuntimeError("a model this step graph was captured for has been released; use graph_for again")
+        if not self.valid():
+            raise RuntimeError("this step graph was released, or a model it was captured for was released or had its "
+                               "weights moved (.to, .half); use graph_for again")
         steps = len(tab.t)
         if steps > self.capacity:
             raise ValueError(f"this graph holds tables for {self.capacity} steps, not {steps}")
@@ -113,20 +132,23 @@ class StepGraph:
         self.scale.fill_(float(scale))
         self.ks.copy_(torch.tensor([float(k) for k in ks]))
         self.counter.zero_()
+        shown = bar is not None and not getattr(bar, "disable", False)
         with self.on_device():
-            events = []
-            for _ in range(steps):
-                if self.graph is None:
-                    self.step()  # no capture (CPU): the step is done when the call returns
-                    if bar is not None:
+            if self.graph is None:  # no capture (CPU): a step is done when its call returns
+                for _ in range(steps):
+                    self.step()
+                    if shown:
                         bar.update()
-                else:
-                    self.graph.replay()  # returns at launch, long before the step is done: mark its end
-                    events.append(torch.cuda.Event())
-                    events[-1].record()
-            for event in events:  # every step is queued already; the bar follows the GPU finishing them
-                event.synchronize()
-                if bar is not None:
+            elif not shown:
+                for _ in range(steps):
+                    self.graph.replay()
+            else:  # replay() returns at launch, long before its step is done: an event marks each step's end
+                events = [torch.cuda.Event() for _ in range(steps)]
+                for event in events:
+                    self.graph.replay()
+                    event.record()
+                for event in events:  # all queued; the bar follows the GPU finishing them
+                    event.synchronize()
                     bar.update()
         return self.x.clone(), self.masks[:steps].clone()
 
@@ -139,10 +161,21 @@ def graph_for(models: list, contexts: list, x: torch.Tensor, tab: Tables, scale:
     """
     cache = models[0].graphs
     kind = dataclasses.replace(opts, ks=len(opts.ks))
-    key = (tuple(id(m.unet) for m in models), tuple(x.shape), models[0].dtype, tab.noise is None, kind)
-    for k in [k for k, g in cache.items() if not g.alive()]:
-        del cache[k]
+    key = (tuple(id(m.unet) for m in models), tuple(x.shape), tuple(m.dtype for m in models), tab.noise is None, kind)
+    for k in [k for k, g in cache.items() if not g.valid()]:
+        cache.pop(k).close()
     if key not in cache or cache[key].capacity < len(tab.t):
-        cache.pop(key, None)  # free the smaller graph's pool before capturing the larger one
-        cache[key] = StepGraph([m.unet for m in models], contexts, x, tab, scale, opts)
+        if key in cache:
+            cache.pop(key).close()  # free the smaller graph's pool before capturing the larger one
+        runner = StepGraph([m.unet for m in models], contexts, x, tab, scale, opts)
+        owner = weakref.ref(models[0])  # a weak reference: an expert must not keep the general model's graphs alive
+        runner.finalizers = [weakref.finalize(m.unet, forget, owner, key) for m in models]
+        cache[key] = runner
     return cache[key]
+
+
+def forget(owner: weakref.ref, key) -> None:
+    """One of a cached graph's models was garbage-collected: drop the graph from its owner's cache."""
+    model = owner()
+    if model is not None and key in model.graphs:
+        model.graphs.pop(key).close()

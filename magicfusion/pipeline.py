@@ -41,8 +41,12 @@ class Model:
     graphs: dict = field(default_factory=dict, repr=False)  # captured CUDA graphs of sampling steps (graph.py)
 
     def release_graphs(self) -> None:
-        """Free the captured step graphs and their memory pools."""
+        """Free the captured step graphs (they live on the general model of a fusion) and their memory pools."""
+        for runner in self.graphs.values():
+            runner.close()
         self.graphs.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # a freed graph pool goes back to the driver only through the cache
 
     @property
     def device(self) -> torch.device:

@@ -74,12 +74,39 @@ def test_runner_of_released_model_refuses_to_replay(tmp_path):
     tab = make_tables(2, 0.0, 1000, -1, gen, tuple(x.shape), "cpu")
     ctx = [encode_prompt(m, "a lion", "", 1) for m in ms]
     runner = graph_for(ms, ctx, x, tab, 7.5, FuseOptions(ks=(1.0, 1.0)))
-    del ms[1]
+    assert list(ms[0].graphs.values()) == [runner]
+    del ms[1]  # the expert goes: its graph (and on CUDA its memory pool) leaves the general model's cache at once
     gc.collect()
+    assert not ms[0].graphs
     with pytest.raises(RuntimeError, match="released"):
         runner.run(x, ctx, tab, 7.5, (1.0, 1.0))
-    assert graph_for(ms[:1], ctx[:1], x, tab, 7.5, FuseOptions()) is not runner  # the dead entry is dropped
+    assert graph_for(ms[:1], ctx[:1], x, tab, 7.5, FuseOptions()) is not runner
     assert len(ms[0].graphs) == 1
+
+
+def test_a_graph_is_dropped_when_its_weights_move_or_it_is_released(models):
+    """A graph replays the weight addresses it captured: after `.to(...)` moved them it must not be replayed."""
+    from magicfusion.graph import graph_for
+    from magicfusion.pipeline import FuseOptions, encode_prompt, make_tables
+    m = models[0]
+    m.release_graphs()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=gen)
+    tab = make_tables(2, 0.0, 1000, -1, gen, tuple(x.shape), "cpu")
+    ctx = [encode_prompt(m, "a lion", "", 1)]
+    runner = graph_for([m], ctx, x, tab, 7.5, FuseOptions())
+    assert graph_for([m], ctx, x, tab, 7.5, FuseOptions()) is runner  # unchanged weights: the same graph
+    m.unet.double().float()  # the same modules and dtype, the weights in new memory
+    with pytest.raises(RuntimeError, match="moved"):
+        runner.run(x, ctx, tab, 7.5, (1.0,))
+    fresh = graph_for([m], ctx, x, tab, 7.5, FuseOptions())
+    assert fresh is not runner and list(m.graphs.values()) == [fresh]
+    out, masks = fresh.run(x, ctx, tab, 7.5, (1.0,))
+    assert out.shape == x.shape and masks.shape == (2, 1, 8, 8)
+    m.release_graphs()
+    assert not m.graphs
+    with pytest.raises(RuntimeError, match="released"):  # a runner held past release_graphs() refuses too
+        fresh.run(x, ctx, tab, 7.5, (1.0,))
 
 
 def test_runner_counter_and_tables_are_device_state(models):
@@ -116,6 +143,7 @@ def test_cuda_graph_replay_matches_eager(tmp_path, dtype):
     one_g = magicfusion.generate(ms[0], "a lion", graph=True, steps=6, height=64, width=64, seed=1, progress=False)
     one_e = magicfusion.generate(ms[0], "a lion", graph=False, steps=6, height=64, width=64, seed=1, progress=False)
     assert np.abs(np.asarray(one_g[0], dtype=np.int16) - np.asarray(one_e[0], dtype=np.int16)).max() <= 2
+    ms[0].release_graphs()  # else the 6-row graph above would serve the 1-step run
     single_step = magicfusion.generate(ms[0], "a lion", graph=True, steps=1, height=64, width=64, progress=False)
     assert np.asarray(single_step[0]).std() > 0  # one-row tables: the warm-up must not step past them
     ms[0].release_graphs()

@@ -14,7 +14,9 @@ Single-model rows time plain guided DDIM (one UNet, no SNB) the same three ways.
 Also reported: the matrix work of one step (convolutions, matmuls and attention, counted by
 `torch.utils.flop_counter` on the meta device, so nothing is computed) and each variant's achieved TFLOP/s;
 `--profile N` adds, per variant, the device time of N steps by kind of kernel (on a CPU: by operator), which says
-where a step's time goes and, set against the step's wall time, how much of it overlaps or idles;
+where a step's time goes and, set against the step's wall time, how much of it overlaps or idles (CUPTI's timing of
+kernels inside CUDA graphs has had a known problem, pytorch/kineto#1165: (a) runs the same kernels without a graph,
+so its breakdown is the one to trust);
 `--channels-last` runs every UNet and VAE (ours and diffusers') in the channels-last memory format.
 
 Why the comparison is fair: (c)'s models are built from the very tensors (a) and (b) load (diffusers' own
@@ -168,6 +170,14 @@ def nbytes(*modules) -> int:
     return sum(t.numel() * t.element_size() for m in modules for t in itertools.chain(m.parameters(), m.buffers()))
 
 
+def static_bytes(runner) -> int:
+    """A graph runner's static buffers (latents, embeddings, tables, masks), allocated outside its pool."""
+    from magicfusion.graph import tensors
+    buffers = [runner.x, *runner.contexts, *(t for t in tensors(runner.tab) if t is not None), runner.masks,
+               runner.counter, runner.scale, runner.ks]
+    return sum(t.numel() * t.element_size() for t in buffers)
+
+
 def pool_bytes() -> collections.Counter:
     """Reserved bytes per CUDA memory pool; a captured graph keeps its activations in a private pool."""
     out = collections.Counter()
@@ -209,6 +219,8 @@ def profile_steps(variants, x, steps: int, n: int, device: torch.device) -> dict
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     cuda = device.type == "cuda"
+    # CUPTI torn down and re-initialised between sessions crashed with CUDA graphs before CUDA 12.6 (pytorch#112507)
+    os.environ.setdefault("TEARDOWN_CUPTI", "0")
     out = {}
     for name, step, runner in variants:
         if cuda:
@@ -366,7 +378,7 @@ def main(argv=None) -> int:
     e2e = {"a": lambda: magicfusion.fuse(g, e, PROMPT, graph=False, **kw).fused,
            "b": lambda: magicfusion.fuse(g, e, PROMPT, graph=True, **kw).fused}
     weights = {"a": nbytes(g.unet, g.text_encoder, g.vae, e.unet, e.text_encoder)}
-    weights["b"] = weights["a"] + pools.get("fused", 0)
+    weights["b"] = weights["a"] + pools.get("fused", 0) + static_bytes(runners["fused"])
     if baseline:
         e2e["c"] = lambda: baseline_fuse(ref, g.tokenizer, a.steps, a.height, a.width, a.batch)
         weights["c"] = nbytes(*ref["unets"], *ref["clips"], ref["vae"].decoder, ref["vae"].post_quant_conv)
@@ -459,8 +471,10 @@ def table(res: dict) -> str:
                  (f"{f(cap['fused'])} / {f(cap['single'])}" if cuda else "(no capture on CPU)") + " | — | | |")
     if cuda:
         lines += ["", "Peak memory counts each variant's own weights (all variants are resident in this one process) "
-                  "plus the run's peak above them; (b) adds its graph's private memory pool "
-                  f"({f(res['graph_pool_gib'].get('fused'))} GiB)."]
+                  "plus the peak of memory allocated during the run above what was allocated before it; (b) adds its "
+                  f"static buffers and its graph's private memory pool ({f(res['graph_pool_gib'].get('fused'))} GiB) "
+                  "at the pool's reserved size, which includes the allocator's rounding, so if anything (b) is "
+                  "overstated."]
     prof = res["profile_ms_per_step"]
     if prof:
         kinds = [k for k, _ in KERNEL_KINDS] + ["other"]

@@ -37,11 +37,6 @@ import torch
 from .pipeline import FuseOptions, Tables, fused_step
 
 
-def tensors(tab: Tables) -> tuple:
-    """The device tables (the graph reads these; `in_window` is the eager loop's host copy)."""
-    return tab.t, tab.alpha, tab.alpha_prev, tab.sigma, tab.window, tab.noise
-
-
 def weights(unets: list) -> tuple:
     """Where the models' weights are: a graph reads them at these addresses on every replay."""
     return tuple(p.data_ptr() for u in unets for p in u.parameters())
@@ -59,7 +54,7 @@ class StepGraph:
         # temperatures are device scalars too, so changing them needs no new capture.
         self.x = x.clone()
         self.contexts = [c.clone() for c in contexts]
-        self.tab = Tables(*(v.clone() if v is not None else None for v in tensors(tab)))
+        self.tab = Tables(*(v.clone() if v is not None else None for v in tab.tensors()))
         self.scale = torch.tensor(float(scale), device=x.device)
         self.ks = torch.tensor([float(k) for k in opts.ks], device=x.device)
         self.opts = dataclasses.replace(opts, ks=tuple(self.ks.unbind()))  # views of self.ks
@@ -126,7 +121,7 @@ class StepGraph:
         self.x.copy_(x)
         for static, c in zip(self.contexts, contexts):
             static.copy_(c)
-        for static, v in zip(tensors(self.tab), tensors(tab)):
+        for static, v in zip(self.tab.tensors(), tab.tensors()):
             if v is not None:
                 static[:steps].copy_(v)
         self.scale.fill_(float(scale))

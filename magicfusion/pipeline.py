@@ -78,12 +78,16 @@ class Tables:
     noise: torch.Tensor | None       # (steps, B, 4, h, w) float32 eta noise, None when eta == 0
     in_window: tuple = ()            # the window again, on the host: the eager loop reads it without a sync
 
+    def tensors(self) -> tuple:
+        """The device tables, (t, alpha, alpha_prev, sigma, window, noise): what a step reads, and a graph copies."""
+        return self.t, self.alpha, self.alpha_prev, self.sigma, self.window, self.noise
+
     def row(self, i) -> list:
         """Step i's (t, alpha, alpha_prev, sigma, window, noise). `i` is an int (eager loop) or a (1,) int64 device
         tensor (graph): `index_select`, unlike indexing with a tensor, never reads the index back to the host."""
         def pick(v):
             return None if v is None else v[i] if isinstance(i, int) else v.index_select(0, i).squeeze(0)
-        return [pick(v) for v in (self.t, self.alpha, self.alpha_prev, self.sigma, self.window, self.noise)]
+        return [pick(v) for v in self.tensors()]
 
 
 @dataclass

@@ -311,12 +311,17 @@ def contexts():
     return [torch.zeros(2, 3, 8), torch.zeros(2, 3, 8)]
 
 
+def step_inputs():
+    """Latents and a 4-step table (t = 751, 501, 251, 1) whose window 251 < t <= 501 holds step 1 alone."""
+    x = torch.randn(1, 4, 2, 4, generator=torch.Generator().manual_seed(0))
+    return x, make_tables(4, 0.0, 501, 251, torch.Generator(), x.shape, "cpu")
+
+
 @pytest.mark.parametrize("outside", [0, 1])
 @pytest.mark.parametrize("as_tensor", [False, True], ids=["eager", "graph-index"])
 def test_fused_step_outside_window_uses_the_outside_model(stubs, outside, as_tensor):
     G, E = stubs
-    x = torch.randn(1, 4, 2, 4, generator=torch.Generator().manual_seed(0))
-    tab = make_tables(4, 0.0, 501, 251, torch.Generator(), x.shape, "cpu")
+    x, tab = step_inputs()
     opts = FuseOptions(ks=(1.0, 1.0), blur=False, outside=outside)
     model = (G, E)[outside]
     eps = model.u + SCALE * (model.c - model.u)
@@ -332,8 +337,7 @@ def test_fused_step_outside_window_uses_the_outside_model(stubs, outside, as_ten
 @pytest.mark.parametrize("as_tensor", [False, True], ids=["eager", "graph-index"])
 def test_fused_step_inside_window_blends(stubs, outside, as_tensor):
     G, E = stubs
-    x = torch.randn(1, 4, 2, 4, generator=torch.Generator().manual_seed(0))
-    tab = make_tables(4, 0.0, 501, 251, torch.Generator(), x.shape, "cpu")
+    x, tab = step_inputs()
     i = 1
     eg, ee = G.u + SCALE * (G.c - G.u), E.u + SCALE * (E.c - E.u)
     eps = torch.cat([eg[..., :2], ee[..., 2:]], dim=-1)  # G left, E right
@@ -347,8 +351,7 @@ def test_fused_step_inside_window_blends(stubs, outside, as_tensor):
 
 def test_fused_step_average_is_the_mean(stubs):
     G, E = stubs
-    x = torch.randn(1, 4, 2, 4, generator=torch.Generator().manual_seed(0))
-    tab = make_tables(4, 0.0, 501, 251, torch.Generator(), x.shape, "cpu")
+    x, tab = step_inputs()
     opts = FuseOptions(ks=(1.0, 1.0), blend="average")
     eg, ee = G.u + SCALE * (G.c - G.u), E.u + SCALE * (E.c - E.u)
     out, index = fused_step([G, E], contexts(), x, 1, tab, SCALE, opts)

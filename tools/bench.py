@@ -102,8 +102,7 @@ def baseline_fuse(ref, tokenizer, steps, height, width, batch, seed=0):
     """(c) end to end: CLIP, the DDIM loop of `baseline_step`, VAE decode, PIL images."""
     from oracle import ddim_scheduler
     device = ref["vae"].device
-    ids = tokenizer(["", PROMPT]).to(device)
-    contexts = [clip(input_ids=ids).last_hidden_state.repeat_interleave(batch, 0) for clip in ref["clips"]]
+    contexts = baseline_encode(ref, tokenizer, batch)
     sched = ddim_scheduler()
     sched.set_timesteps(steps, device=device)
     gen = torch.Generator("cpu").manual_seed(seed)
@@ -111,6 +110,12 @@ def baseline_fuse(ref, tokenizer, steps, height, width, batch, seed=0):
     for t in sched.timesteps:
         x, _ = baseline_step(ref["unets"], contexts, x, t, sched, SCALE)
     return baseline_decode(ref, x)
+
+
+def baseline_encode(ref, tokenizer, batch):
+    """(c) each model's [negative, prompt] embeddings with transformers' CLIP, repeated for the batch."""
+    ids = tokenizer(["", PROMPT]).to(ref["vae"].device)
+    return [clip(input_ids=ids).last_hidden_state.repeat_interleave(batch, 0) for clip in ref["clips"]]
 
 
 def baseline_decode(ref, x):
@@ -172,8 +177,7 @@ def nbytes(*modules) -> int:
 
 def static_bytes(runner) -> int:
     """A graph runner's static buffers (latents, embeddings, tables, masks), allocated outside its pool."""
-    from magicfusion.graph import tensors
-    buffers = [runner.x, *runner.contexts, *(t for t in tensors(runner.tab) if t is not None), runner.masks,
+    buffers = [runner.x, *runner.contexts, *(t for t in runner.tab.tensors() if t is not None), runner.masks,
                runner.counter, runner.scale, runner.ks]
     return sum(t.numel() * t.element_size() for t in buffers)
 
@@ -292,13 +296,14 @@ def main(argv=None) -> int:
     gen = torch.Generator("cpu").manual_seed(0)
     x = torch.randn((a.batch, 4, a.height // 8, a.width // 8), generator=gen).to(device)
     tab = make_tables(a.steps, 0.0, 1000, -1, gen, x.shape, device)
-    ctx = [encode_prompt(m, PROMPT, "", a.batch) for m in (g, e)]
+    def encode():  # ours: each model's [negative, prompt] embeddings
+        return [encode_prompt(m, PROMPT, "", a.batch) for m in (g, e)]
+    ctx = encode()
     if baseline:
         from oracle import ddim_scheduler
         sched = ddim_scheduler()
         sched.set_timesteps(a.steps, device=device)
-        ids = g.tokenizer(["", PROMPT]).to(device)
-        rctx = [clip(input_ids=ids).last_hidden_state.repeat_interleave(a.batch, 0) for clip in ref["clips"]]
+        rctx = baseline_encode(ref, g.tokenizer, a.batch)
 
     # sanity: one fused step of (a) and (c) from the same latents; pixels where SNB picks differently (a near-tie
     # of the saliencies flipped by rounding) are counted, not compared
@@ -355,11 +360,9 @@ def main(argv=None) -> int:
     tflop = work_tflop(g, e, tuple(x.shape), tuple(ctx[0].shape))
 
     # the parts that run once per image, outside the step graph: are they worth graphing too?
-    parts = {"text": {"a": lambda: [encode_prompt(m, PROMPT, "", a.batch) for m in (g, e)]},
-             "vae": {"a": lambda: decode(g, x)}}
+    parts = {"text": {"a": encode}, "vae": {"a": lambda: decode(g, x)}}
     if baseline:
-        parts["text"]["c"] = lambda: [clip(input_ids=g.tokenizer(["", PROMPT]).to(device)).last_hidden_state
-                                      for clip in ref["clips"]]
+        parts["text"]["c"] = lambda: baseline_encode(ref, g.tokenizer, a.batch)
         parts["vae"]["c"] = lambda: baseline_decode(ref, x)
     part_times = collections.defaultdict(list)
     for r in range(a.warmup + a.timed_steps):

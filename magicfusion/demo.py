@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from .clip import CLIPTextConfig, CLIPTextModel
 from .ddim import alphas_cumprod
-from .tokenizer import write_tiny_vocab
+from .tokenizer import write_vocab
 from .unet import UNetConfig, UNetModel
 from .vae import VAEConfig, VAEDecoder
 
@@ -80,3 +80,15 @@ def ensure_demo_weights(folder) -> tuple[Path, Path, Path]:
             write_checkpoint(p, "tiny", seed)
         paths.append(p)
     return paths[0], paths[1], tok
+
+
+# Tiny vocabulary for tests and the offline demo: frequent English pairs and a few whole words.
+_TINY_MERGES = ("t h|th e</w>|a n|an d</w>|i n|in g</w>|e r</w>|o n</w>|o f</w>|t o</w>|i s</w>|a t</w>|e n|"
+                "o r|a r|s t|e s</w>|e d</w>|o u|r e|c a|ca t</w>|d o|do g</w>|p a|pa in|pain t|paint ing</w>|"
+                "p h|ph o|pho t|phot o</w>|a l|i t</w>|w i|t h</w>|wi th</w>|l e</w>|h i|s u|"
+                "su n</w>|s e</w>|b e|ar t</w>")
+
+
+def write_tiny_vocab(dir) -> None:
+    """Write a small deterministic CLIP-layout vocab.json + merges.txt (558 ids) into `dir`."""
+    write_vocab(dir, [tuple(m.split(" ")) for m in _TINY_MERGES.split("|")])

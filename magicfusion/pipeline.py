@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from . import ddim
 from .clip import CLIPTextModel
 from .errors import InputError
+from .prompt import encode_prompt
 from .snb import guidance, snb
 from .tokenizer import CLIPTokenizer
 from .unet import UNetModel
@@ -115,18 +116,6 @@ def validate(steps, guidance_scale, eta, seed, height, width, batch) -> int:
     if not isinstance(seed, int) or not (seed == -1 or 0 <= seed < 2 ** 64):
         raise InputError(f"seed must be an integer in 0..2**64-1, or -1 for a random one; got {seed}")
     return random.randrange(2 ** 63) if seed == -1 else seed
-
-
-@torch.no_grad()
-def encode_prompt(model: Model, prompt: str, negative_prompt: str, batch: int, clip_skip: int = 0) -> torch.Tensor:
-    """-> (2B, 77, width) text embeddings, the B unconditional (negative prompt) rows first."""
-    layers = model.text_encoder.cfg.layers
-    if not isinstance(clip_skip, int) or not 0 <= clip_skip < layers:
-        raise InputError(f"clip skip must be an integer in 0..{layers - 1} for {model.name}, got {clip_skip}; "
-                         "0 uses the last layer")
-    ids = model.tokenizer([negative_prompt, prompt]).to(model.device)
-    emb = model.text_encoder(ids, clip_skip=clip_skip)
-    return emb.repeat_interleave(batch, dim=0)
 
 
 def make_tables(steps: int, eta: float, fuse_from: int, fuse_until: int, generator: torch.Generator,

@@ -123,7 +123,7 @@ class CLIPTokenizer:
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.max_length)
 
 
-def _write_vocab(out_dir, merges: list[tuple[str, str]]) -> None:
+def write_vocab(out_dir, merges: list[tuple[str, str]]) -> None:
     """Write CLIP's layout: 256 byte symbols, the same with `</w>`, one token per merge, bos, eos."""
     symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
@@ -143,16 +143,4 @@ def vocab_from_clip_bpe(gz_path, out_dir) -> None:
     except (OSError, UnicodeDecodeError, EOFError) as e:
         _fail(gz_path, f"unreadable gzip text ({e})", "download clip/bpe_simple_vocab_16e6.txt.gz from "
               "github.com/openai/CLIP, or " + TOKENIZER_HINT)
-    _write_vocab(out_dir, [tuple(line.split()) for line in lines[1:CLIP_MERGES + 1]])  # line 0 is a header
-
-
-# Tiny vocabulary for tests and the offline demo: frequent English pairs and a few whole words.
-_TINY_MERGES = ("t h|th e</w>|a n|an d</w>|i n|in g</w>|e r</w>|o n</w>|o f</w>|t o</w>|i s</w>|a t</w>|e n|"
-                "o r|a r|s t|e s</w>|e d</w>|o u|r e|c a|ca t</w>|d o|do g</w>|p a|pa in|pain t|paint ing</w>|"
-                "p h|ph o|pho t|phot o</w>|a l|i t</w>|w i|t h</w>|wi th</w>|l e</w>|h i|s u|"
-                "su n</w>|s e</w>|b e|ar t</w>")
-
-
-def write_tiny_vocab(dir) -> None:
-    """Write a small deterministic CLIP-layout vocab.json + merges.txt (558 ids) into `dir`."""
-    _write_vocab(dir, [tuple(m.split(" ")) for m in _TINY_MERGES.split("|")])
+    write_vocab(out_dir, [tuple(line.split()) for line in lines[1:CLIP_MERGES + 1]])  # line 0 is a header

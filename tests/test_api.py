@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import magicfusion
-from magicfusion.demo import write_checkpoint
-from magicfusion.tokenizer import write_tiny_vocab
+from tools.random_weights import write_checkpoint
+from tools.random_weights import write_tiny_vocab
 from magicfusion.unet import UNetModel
 from magicfusion.vae import VAEConfig, VAEDecoder
 

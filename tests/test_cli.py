@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import magicfusion
 from magicfusion.cli import main, mask_grid
-from magicfusion.demo import ensure_demo_weights, random_state_dict
+from tools.random_weights import random_pair, random_state_dict
 
 UNET, CLIP = "model.diffusion_model.", "cond_stage_model.transformer."
 PROMPT, NEGATIVE, SEED = "a cat with a crown", "blurry", 5
@@ -39,7 +39,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def weights(tmp_path_factory):
     """(general.safetensors, expert.safetensors, tokenizer folder): the tiny demo checkpoints, made once."""
-    return ensure_demo_weights(tmp_path_factory.mktemp("weights"))
+    return random_pair(tmp_path_factory.mktemp("weights"))
 
 
 @pytest.fixture(scope="session")
@@ -524,7 +524,7 @@ def test_demo_runs_offline_and_keeps_its_files(tmp_path, capsys, monkeypatch):
     assert main(["demo", "--out", str(out), "--weights", str(wdir), "--quiet"]) == 0
     assert capsys.readouterr().err == ""
     assert sorted(p.name for p in out.iterdir()) == ["expert.png", "fused.png", "general.png", "masks.png"]
-    general, expert, _ = ensure_demo_weights(wdir)  # the demo made these; this call only finds them
+    general, expert, _ = random_pair(wdir)  # the demo made these; this call only finds them
     f = fields(png_parameters(out / "fused.png"))
     assert f["Model"] == general.stem and f["Experts"] == expert.stem and "Fuse until" in f
     width, height = map(int, f["Size"].split("x"))

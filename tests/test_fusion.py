@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from oracle import ddim_scheduler, diffusers_unet, diffusers_vae, hf_clip
 
 import magicfusion
-from magicfusion.demo import ensure_demo_weights, write_checkpoint
+from tools.random_weights import random_pair, write_checkpoint
 from magicfusion.tokenizer import CLIPTokenizer
 
 
@@ -42,7 +42,7 @@ class Reference:
 def zoo(tmp_path_factory):
     """seed -> (our Model, its Reference): five random tiny checkpoints sharing the demo tokenizer."""
     folder = tmp_path_factory.mktemp("fusion")
-    g_path, e_path, tokdir = ensure_demo_weights(folder)  # random tiny models, checkpoint seeds 1 and 2
+    g_path, e_path, tokdir = random_pair(folder)  # random tiny models, checkpoint seeds 1 and 2
     paths = {1: g_path, 2: e_path}
     for seed in (3, 4, 5):
         paths[seed] = write_checkpoint(folder / f"tiny-{seed}.safetensors", "tiny", seed)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import magicfusion
-from magicfusion.demo import write_checkpoint
-from magicfusion.tokenizer import write_tiny_vocab
+from tools.random_weights import write_checkpoint
+from tools.random_weights import write_tiny_vocab
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,8 @@ def test_runner_is_reused_with_new_prompts_seeds_and_settings_then_released(mode
 
 def test_runner_of_released_model_refuses_to_replay(tmp_path):
     from magicfusion.graph import graph_for
-    from magicfusion.pipeline import FuseOptions, encode_prompt, make_tables
+    from magicfusion.pipeline import FuseOptions, make_tables
+    from magicfusion.prompt import encode_prompt
     write_tiny_vocab(tmp_path)
     ms = [magicfusion.load(write_checkpoint(tmp_path / f"m{s}.safetensors", "tiny", seed=s), tokenizer=tmp_path)
           for s in (1, 2)]
@@ -87,7 +88,8 @@ def test_runner_of_released_model_refuses_to_replay(tmp_path):
 def test_a_graph_is_dropped_when_its_weights_move_or_it_is_released(models):
     """A graph replays the weight addresses it captured: after `.to(...)` moved them it must not be replayed."""
     from magicfusion.graph import graph_for
-    from magicfusion.pipeline import FuseOptions, encode_prompt, make_tables
+    from magicfusion.pipeline import FuseOptions, make_tables
+    from magicfusion.prompt import encode_prompt
     m = models[0]
     m.release_graphs()
     gen = torch.Generator().manual_seed(0)
@@ -111,7 +113,8 @@ def test_a_graph_is_dropped_when_its_weights_move_or_it_is_released(models):
 
 def test_runner_counter_and_tables_are_device_state(models):
     from magicfusion.graph import graph_for
-    from magicfusion.pipeline import FuseOptions, encode_prompt, make_tables
+    from magicfusion.pipeline import FuseOptions, make_tables
+    from magicfusion.prompt import encode_prompt
     m = models[0]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 8, 8, generator=gen)
@@ -156,7 +159,8 @@ def test_graph_step_never_reads_device_values_back_to_the_host(models):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from magicfusion.graph import graph_for
-    from magicfusion.pipeline import FuseOptions, encode_prompt, make_tables
+    from magicfusion.pipeline import FuseOptions, make_tables
+    from magicfusion.prompt import encode_prompt
 
     class Record(TorchDispatchMode):
         def __init__(self):
@@ -218,7 +222,8 @@ def test_graph_step_touches_only_tensors_on_its_own_device(models):
 
 def test_runner_advances_the_progress_bar_once_per_step(models):
     from magicfusion.graph import graph_for
-    from magicfusion.pipeline import FuseOptions, encode_prompt, make_tables
+    from magicfusion.pipeline import FuseOptions, make_tables
+    from magicfusion.prompt import encode_prompt
 
     class Bar:
         n = 0

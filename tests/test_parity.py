@@ -14,8 +14,8 @@ from transformers import CLIPTokenizer as HFTokenizer
 import magicfusion
 from magicfusion import ddim
 from magicfusion.clip import CLIPTextModel
-from magicfusion.demo import CONFIGS, perturb_, write_checkpoint
-from magicfusion.tokenizer import write_tiny_vocab
+from tools.random_weights import CONFIGS, perturb_, write_checkpoint
+from tools.random_weights import write_tiny_vocab
 from magicfusion.unet import UNetConfig, UNetModel
 from magicfusion.vae import VAEConfig, VAEDecoder
 from oracle import ddim_scheduler, diffusers_unet, diffusers_vae, hf_clip

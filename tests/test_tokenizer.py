@@ -9,7 +9,8 @@ import torch
 import transformers
 
 from magicfusion.errors import InputError
-from magicfusion.tokenizer import CLIPTokenizer, bytes_to_unicode, vocab_from_clip_bpe, write_tiny_vocab
+from magicfusion.tokenizer import CLIPTokenizer, bytes_to_unicode, vocab_from_clip_bpe
+from tools.random_weights import write_tiny_vocab
 
 CLIP_GZ = Path(__file__).resolve().parents[2] / "shared" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"

@@ -53,12 +53,14 @@ from PIL import Image
 
 import magicfusion
 from magicfusion.clip import CLIPTextModel
-from magicfusion.demo import write_checkpoint
 from magicfusion.graph import graph_for
-from magicfusion.pipeline import FuseOptions, decode, encode_prompt, fused_step, make_tables
-from magicfusion.tokenizer import write_tiny_vocab
+from magicfusion.pipeline import FuseOptions, decode, fused_step, make_tables
+from magicfusion.prompt import encode_prompt
 from magicfusion.unet import UNetModel
 from magicfusion.vae import VAEDecoder
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tools.*` when run as a script
+from tools.random_weights import write_checkpoint, write_tiny_vocab  # noqa: E402
 
 PROMPT, SCALE = "a photo of a red fox in the snow", 7.5
 FUSE_OPTS, SINGLE_OPTS = FuseOptions(ks=(1.0, 1.0)), FuseOptions()  # FUSE_OPTS is what fuse() builds by default

@@ -10,9 +10,10 @@ import argparse
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tools.*` when run as a script
+
 from magicfusion.checkpoint import DTYPES
-from magicfusion.demo import CONFIGS, write_checkpoint
-from magicfusion.tokenizer import write_tiny_vocab
+from tools.random_weights import CONFIGS, write_checkpoint, write_tiny_vocab
 
 
 def main(argv=None) -> int:

@@ -1,94 +1,99 @@
-"""Random SD 1.x checkpoints of a named size, and the offline demo that fuses two of them.
+"""`magicfusion demo`: MagicFusion on two small trained models, offline, on a CPU, in seconds.
 
-`tiny` is small enough that a whole fusion runs on a laptop CPU in seconds; `sd15` has Stable Diffusion 1.5's
-exact shapes (an 860M-parameter UNet) for tests and benchmarks of the real sizes. The weights are random, so
-the images are abstract; what the demo shows is the machinery (and it is the same code path real weights take).
+The models come with the repository (`weights/toy/`, made by `tools/train_toy.py`): real SD 1.x checkpoints of a
+tiny size, trained from scratch in a toy world (tools/toyworld.py). The **expert** has only seen 16 animal emoji
+on a plain studio background; the **general** model has only seen 6 scenes (beach, snow, meadow, night, desert,
+underwater) with everyday objects, never an animal. Asked for "a lion on the beach", the general model draws a
+beach without a lion, the expert a lion without a beach; Saliency-aware Noise Blending takes the lion where the
+expert's guidance is salient and the beach everywhere else.
+
+`panel()` lays the results out one row per prompt: general | expert | fused | where the expert won.
 """
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import save_file
+from PIL import Image, ImageDraw, ImageFont
 
-from .clip import CLIPTextConfig, CLIPTextModel
-from .ddim import alphas_cumprod
-from .tokenizer import write_vocab
-from .unet import UNetConfig, UNetModel
-from .vae import VAEConfig, VAEDecoder
+from .errors import InputError
 
-CONFIGS = {
-    "tiny": (UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
-                        context_dim=128), CLIPTextConfig(vocab_size=1000, width=128, layers=2),
-             VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)),
-    "sd15": (UNetConfig(), CLIPTextConfig(), VAEConfig()),
-}
+TOY = Path(__file__).resolve().parent.parent / "weights" / "toy"
+SIZE = 128
+# (general prompt, expert prompt): the expert is told only the animal, the general model the whole scene
+PROMPTS = [("a lion on the beach", "a lion"), ("a panda in the snow", "a panda"),
+           ("a frog in a meadow", "a frog"), ("an owl at night", "an owl"), ("a fox in the desert", "a fox"),
+           ("a penguin underwater", "a penguin")]
+SEED = 1
 
 
-def perturb_(module: torch.nn.Module, gen: torch.Generator, scale: float = 0.1) -> torch.nn.Module:
-    """Add noise to every parameter, so norms are not exactly 1 and biases not 0: no default init can hide a
-    wiring mistake from a parity test."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale * (1.0 if p.dim() == 1 else p.std().item()))
-    return module
+@dataclass
+class Row:
+    """One prompt's results: each model alone, the fusion, and per step which model's noise was used."""
+    prompt: str
+    expert_prompt: str
+    general: Image.Image
+    expert: Image.Image
+    fused: Image.Image
+    masks: list  # per step, a (1, h, w) uint8 map: 0 the general model, 1 the expert
 
 
-def random_state_dict(config: str, seed: int = 0, dtype=torch.float32) -> dict:
-    """A random LDM-layout state dict (`model.diffusion_model.*`, `cond_stage_model.transformer.*`,
-    `first_stage_model.*` plus the schedule buffers real files carry) for a named config."""
-    ucfg, ccfg, vcfg = CONFIGS[config]
-    gen = torch.Generator().manual_seed(seed)
-    sd = {"alphas_cumprod": alphas_cumprod()}
-    with torch.random.fork_rng():  # the modules' default init draws from the global RNG: leave the caller's alone
-        torch.manual_seed(seed)
-        for prefix, build in (("model.diffusion_model.", lambda: UNetModel(ucfg)),
-                              ("cond_stage_model.transformer.", lambda: CLIPTextModel(ccfg)),
-                              ("first_stage_model.", lambda: VAEDecoder(vcfg))):
-            module = perturb_(build(), gen)
-            sd.update({prefix + k: v.to(dtype).contiguous() for k, v in module.state_dict().items()})
-            del module
-    sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(ccfg.max_positions)[None]
-    return sd
+def toy_paths(folder=None) -> tuple[Path, Path, Path]:
+    """(general checkpoint, expert checkpoint, tokenizer folder) of the toy models, or an InputError saying how to
+    get them."""
+    folder = Path(folder) if folder else TOY
+    paths = (folder / "general.safetensors", folder / "expert.safetensors", folder / "tokenizer")
+    missing = [p.name for p in paths if not p.exists()]
+    if missing:
+        raise InputError(f"the demo models are missing from {folder} ({', '.join(missing)}); they ship with the "
+                         "repository (git checkout weights/toy) or are rebuilt by `python tools/train_toy.py`")
+    return paths
 
 
-def write_checkpoint(path, config: str = "tiny", seed: int = 0, dtype=torch.float32) -> Path:
-    """Write a random checkpoint as LDM `.safetensors` (atomically: a temporary name, then a rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(random_state_dict(config, seed, dtype), str(tmp), metadata={"magicfusion": f"random {config} seed {seed}"})
-    tmp.replace(path)
-    return path
+def window_mask(masks: list) -> np.ndarray:
+    """(h, w) share of the steps at which each latent pixel took the expert's noise, from per-step (1, h, w) maps."""
+    return np.mean([m[0].numpy() == 1 for m in masks], axis=0).astype(np.float32)
 
 
-def ensure_demo_weights(folder) -> tuple[Path, Path, Path]:
-    """The two tiny demo checkpoints and their tokenizer in `folder`, made deterministically if absent."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = folder / "demo-tokenizer"
-    if not (tok / "merges.txt").exists():
-        tmp = folder / "demo-tokenizer.tmp"
-        tmp.mkdir(exist_ok=True)
-        write_tiny_vocab(tmp)
-        assert len(json.loads((tmp / "vocab.json").read_text())) <= CONFIGS["tiny"][1].vocab_size
-        tmp.replace(tok)
-    paths = []
-    for name, seed in (("demo-general", 1), ("demo-expert", 2)):
-        p = folder / f"{name}.safetensors"
-        if not p.exists():
-            write_checkpoint(p, "tiny", seed)
-        paths.append(p)
-    return paths[0], paths[1], tok
+def _label(draw: ImageDraw.ImageDraw, xy, text: str, size: int) -> None:
+    draw.text(xy, text, fill=(20, 20, 20), font=ImageFont.load_default(size=size))
 
 
-# Tiny vocabulary for tests and the offline demo: frequent English pairs and a few whole words.
-_TINY_MERGES = ("t h|th e</w>|a n|an d</w>|i n|in g</w>|e r</w>|o n</w>|o f</w>|t o</w>|i s</w>|a t</w>|e n|"
-                "o r|a r|s t|e s</w>|e d</w>|o u|r e|c a|ca t</w>|d o|do g</w>|p a|pa in|pain t|paint ing</w>|"
-                "p h|ph o|pho t|phot o</w>|a l|i t</w>|w i|t h</w>|wi th</w>|l e</w>|h i|s u|"
-                "su n</w>|s e</w>|b e|ar t</w>")
+def panel(rows: list, scale: int = 2) -> Image.Image:
+    """Rows of general | expert | fused | expert's share of each latent pixel (white: always the expert), scaled up
+    `scale` times, each row headed by its prompts."""
+    tile = SIZE * scale
+    pad, head, top = 8, 22, 30
+    cols = ["general model alone", "expert alone", "MagicFusion (SNB)", "where the expert's noise was used"]
+    width = pad + 4 * (tile + pad)
+    canvas = Image.new("RGB", (width, top + len(rows) * (head + tile + pad)), (250, 250, 250))
+    draw = ImageDraw.Draw(canvas)
+    for c, name in enumerate(cols):
+        _label(draw, (pad + c * (tile + pad), 8), name, 14)
+    for r, row in enumerate(rows):
+        y = top + r * (head + tile + pad)
+        _label(draw, (pad, y + 3), f'"{row.prompt}"   (expert prompt: "{row.expert_prompt}")', 14)
+        share = (window_mask(row.masks) * 255).round().astype(np.uint8)
+        mask = Image.fromarray(share).resize((tile, tile), Image.NEAREST).convert("RGB")
+        for c, im in enumerate((row.general, row.expert, row.fused, mask)):
+            canvas.paste(im.resize((tile, tile), Image.NEAREST), (pad + c * (tile + pad), y + head))
+    return canvas
 
 
-def write_tiny_vocab(dir) -> None:
-    """Write a small deterministic CLIP-layout vocab.json + merges.txt (558 ids) into `dir`."""
-    write_vocab(dir, [tuple(m.split(" ")) for m in _TINY_MERGES.split("|")])
+@torch.no_grad()
+def run(folder=None, prompts=PROMPTS, seed: int = SEED, progress: bool = True) -> list:
+    """Load the toy models and fuse every prompt -> [Row]. Each model alone uses the same seed as the fusion."""
+    from .checkpoint import load
+    from .pipeline import fuse, generate
+    g_path, e_path, tok = toy_paths(folder)
+    general = load(g_path, tokenizer=tok)
+    expert = load(e_path, tokenizer=tok)
+    rows = []
+    for prompt, expert_prompt in prompts:
+        common = dict(seed=seed, height=SIZE, width=SIZE, progress=progress)
+        result = fuse(general, expert, prompt, expert_prompt, **common)
+        rows.append(Row(prompt, expert_prompt, generate(general, prompt, **common)[0],
+                        generate(expert, expert_prompt, **common)[0], result.fused[0], result.masks))
+    return rows

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from .errors import InputError
+from .paths import kind, read_bytes
 from .weights_io import read_tensors
 
 # diffusers ResBlock layer -> LDM's (in_layers.1 and out_layers.1/.2 are LDM's SiLU/Dropout index gaps)
@@ -36,7 +37,8 @@ _VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "c
 # VAE mid-block attention, current diffusers names and the older query/key/value/proj_attn ones
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
              "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
-_CLIP_PARTS = ("embeddings", "encoder", "final_layer_norm")  # transformers 5 saves these without `text_model.`
+_CLIP_PARTS = ("embeddings", "encoder", "final_layer_norm")
+MAX_JSON = 64 * 2 ** 20  # bytes of a shard index or config (real ones: a few hundred kB at most)  # transformers 5 saves these without `text_model.`
 
 
 def _count(keys, pattern: str) -> int:
@@ -122,10 +124,10 @@ def _rename(sd: dict, name: Callable[[str], str | None], prefix: str, source: Pa
 
 def _read_sharded(index: Path, keep) -> dict[str, torch.Tensor]:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = json.loads(read_bytes(index, MAX_JSON, "a shard index"))["weight_map"]
         shards = sorted({file for key, file in weight_map.items() if keep(key)})
         ok = all(Path(s).name == s for s in shards)  # shards sit next to their index
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         ok = False
     if not ok:
         raise InputError(f"{index}: not a shard index with a weight_map of file names; re-download it")
@@ -138,15 +140,15 @@ def _read_sharded(index: Path, keep) -> dict[str, torch.Tensor]:
 def _read_part(root: Path, part: str, safe: str, pickle: str, keep=lambda k: True) -> tuple[dict, Path]:
     """The tensors of one subfolder (and the file they came from): full precision first, safetensors first."""
     sub = root / part
-    if not sub.is_dir():
+    if kind(sub, "model folder") != "dir":
         raise InputError(f"{root}: no {part}/ subfolder, which a Stable Diffusion diffusers folder needs "
                          "(with unet/, text_encoder/, vae/); re-download or re-save the model")
     for stem, ext in ((safe, "safetensors"), (pickle, "bin")):
         for variant in ("", ".fp16"):
             single, index = sub / f"{stem}{variant}.{ext}", sub / f"{stem}.{ext}.index{variant}.json"
-            if single.is_file():
+            if kind(single, "weights file") == "file":
                 return read_tensors(single, keep), single
-            if index.is_file():
+            if kind(index, "shard index") == "file":
                 return _read_sharded(index, keep), index
     raise InputError(f"{sub}: no weights file (looked for {safe}.safetensors, {pickle}.bin, their .fp16 "
                      "variants and sharded .index.json); re-download the model")
@@ -155,7 +157,7 @@ def _read_part(root: Path, part: str, safe: str, pickle: str, keep=lambda k: Tru
 def read_diffusers_folder(path) -> dict[str, torch.Tensor]:
     """All SD1 weights of a diffusers folder, keyed as in an LDM single-file checkpoint, in the stored dtype."""
     root = Path(path)
-    if not (root / "model_index.json").is_file():
+    if kind(root / "model_index.json", "model index") != "file":
         raise InputError(f"{root}: no model_index.json, so not a diffusers model folder; pass the folder that "
                          "diffusers' save_pretrained wrote, or a .safetensors/.ckpt checkpoint file")
     unet, src = _read_part(root, "unet", "diffusion_pytorch_model", "diffusion_pytorch_model")
@@ -169,7 +171,22 @@ def read_diffusers_folder(path) -> dict[str, torch.Tensor]:
     for key, t in vae.items():  # diffusers' attention projections are Linear (C, C); LDM's are 1x1 convs
         if ".attn_1." in key and key.endswith("weight") and t.ndim == 2:
             vae[key] = t[:, :, None, None]
-    return out | vae
+    out |= vae
+    scale = _vae_scaling_factor(root / "vae" / "config.json")
+    if scale is not None:  # stored under LDM's name for a scale computed from data (see checkpoint.py)
+        out["scale_factor"] = torch.tensor(scale, dtype=torch.float32)
+    return out
+
+
+def _vae_scaling_factor(config: Path) -> float | None:
+    """The latent scale factor of diffusers' vae/config.json (`scaling_factor`), if the file names one."""
+    try:
+        if kind(config, "VAE config") != "file":
+            return None
+        value = json.loads(read_bytes(config, MAX_JSON, "a VAE config")).get("scaling_factor")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, RecursionError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def find_tokenizer_dir(path) -> Path | None:

@@ -18,6 +18,7 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers
 
 from .errors import InputError
+from .paths import kind, read_bytes, shown
 
 TOKENIZER_HINT = ("get CLIP ViT-L/14's vocab.json and merges.txt from the `tokenizer/` folder of a Stable "
                   "Diffusion 1.x diffusers repository on Hugging Face (CompVis/stable-diffusion-v1-4, "
@@ -29,6 +30,8 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # lower-casing, so an upper-case "<|ENDOFTEXT|>" is ordinary text (as in transformers, unlike CLIP).
 SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+"""
 CLIP_MERGES = 49152 - 256 - 2  # CLIP (and every SD1 merges.txt) uses this many merges, no more
+MAX_FILE = 64 * 2 ** 20  # bytes in vocab.json, merges.txt or tokenizer.json (CLIP's are 2-4 MB)
+MAX_ID = 2 ** 24         # token ids; CLIP's largest is 49407
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -39,7 +42,26 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def _fail(path, problem: str, fix: str = TOKENIZER_HINT) -> NoReturn:
-    raise InputError(" ".join(f"{path}: {problem}; fix: {fix}".split()))  # one line, whatever the path holds
+    raise InputError(" ".join(f"{shown(path)}: {problem}; fix: {fix}".split()))  # one line, whatever the path holds
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return read_bytes(path, MAX_FILE, "a tokenizer file").decode("utf-8")
+    except UnicodeDecodeError as e:
+        _fail(path, f"is not UTF-8 text ({e.reason} at byte {e.start})")
+
+
+def check_text(text, what: str) -> None:
+    """A prompt must be a str that is valid Unicode: a command-line argument in another encoding than the
+    terminal's arrives with lone surrogates (Python's surrogateescape), which no tokenizer can encode."""
+    if not isinstance(text, str):
+        raise InputError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{what} is not valid UTF-8 text (undecodable byte at character {e.start}); "
+                         "pass it in UTF-8 (check the terminal's or the file's encoding)") from None
 
 
 def _check_specials(path, vocab: dict) -> None:
@@ -57,21 +79,26 @@ class CLIPTokenizer:
         self.tokenizer = tokenizer
         self.bos_id, self.eos_id = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
         self.vocab_size = tokenizer.get_vocab_size()
+        # The largest id it can produce, which must index the text encoder's table: ids need not be dense,
+        # so counting entries (vocab_size) says nothing about it.
+        self.max_id = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
 
     @classmethod
     def from_dir(cls, path) -> "CLIPTokenizer":
         """Load `vocab.json` + `merges.txt` (diffusers' `tokenizer/` folder) or else a `tokenizer.json`."""
         path = Path(path)
         vocab_file, merges_file, json_file = path / "vocab.json", path / "merges.txt", path / "tokenizer.json"
-        if not path.is_dir():
+        if kind(path, "tokenizer folder") != "dir":
             _fail(path, "tokenizer folder not found")
-        if vocab_file.is_file() or merges_file.is_file() or not json_file.is_file():
+        found = {f: kind(f, "tokenizer file") for f in (vocab_file, merges_file, json_file)}
+        if "file" in (found[vocab_file], found[merges_file]) or found[json_file] != "file":
             tokenizer = cls._from_vocab_merges(vocab_file, merges_file)
         else:
+            text = _read_text(json_file)  # read here, not by path in Rust: any file name works
             try:
-                tokenizer = Tokenizer.from_file(str(json_file))
+                tokenizer = Tokenizer.from_str(text)
             except Exception as e:
-                _fail(json_file, f"not a valid `tokenizers` file ({e})")
+                _fail(json_file, f"not a valid `tokenizers` file ({str(e)[:200]})")
             tokenizer.no_truncation()  # a saved file may carry its own settings; __call__ does both itself
             tokenizer.no_padding()
             _check_specials(json_file, tokenizer.get_vocab(with_added_tokens=True))
@@ -80,18 +107,15 @@ class CLIPTokenizer:
     @staticmethod
     def _from_vocab_merges(vocab_file: Path, merges_file: Path) -> Tokenizer:
         for f in (vocab_file, merges_file):
-            if not f.is_file():
+            if kind(f, "tokenizer file") != "file":
                 _fail(f, "missing (a CLIP tokenizer needs vocab.json and merges.txt, or tokenizer.json)")
         try:
-            vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            vocab = json.loads(_read_text(vocab_file))
+        except (json.JSONDecodeError, RecursionError) as e:
             _fail(vocab_file, f"unreadable or not JSON ({e})")
-        if not isinstance(vocab, dict) or not all(type(i) is int for i in vocab.values()):
-            _fail(vocab_file, "is not a JSON object mapping tokens to integer ids")
-        try:
-            lines = merges_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            _fail(merges_file, f"unreadable ({e})")
+        if not isinstance(vocab, dict) or not all(type(i) is int and 0 <= i < MAX_ID for i in vocab.values()):
+            _fail(vocab_file, f"is not a JSON object mapping tokens to integer ids in 0..{MAX_ID - 1}")
+        lines = _read_text(merges_file).splitlines()
         if lines and lines[0].startswith("#version"):
             lines = lines[1:]
         merges = [tuple(line.split()) for line in lines[:CLIP_MERGES] if line.strip()]
@@ -116,6 +140,8 @@ class CLIPTokenizer:
     def __call__(self, texts: "str | list[str]") -> torch.LongTensor:
         """Token ids of shape (len(texts), 77): bos, at most 75 BPE ids, eos, eos padding."""
         texts = [texts] if isinstance(texts, str) else list(texts)
+        for text in texts:
+            check_text(text, "prompt")
         rows = []
         for enc in self.tokenizer.encode_batch(texts, add_special_tokens=False):
             ids = [self.bos_id, *enc.ids[: self.max_length - 2], self.eos_id]

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .layers import GroupNorm, is_channels_last, residual
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -68,16 +70,16 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 class ResBlock(nn.Module):
     def __init__(self, ch: int, emb_dim: int, out_ch: int):
         super().__init__()
-        self.in_layers = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1))
+        self.in_layers = nn.Sequential(GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch))
         # index 2 of out_layers is LDM's Dropout (inactive at inference)
-        self.out_layers = nn.Sequential(nn.GroupNorm(32, out_ch), nn.SiLU(), nn.Identity(),
+        self.out_layers = nn.Sequential(GroupNorm(32, out_ch), nn.SiLU(), nn.Identity(),
                                         nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip_connection = nn.Identity() if ch == out_ch else nn.Conv2d(ch, out_ch, 1)
 
     def forward(self, x, emb):
-        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        h = residual(self.emb_layers(emb)[:, :, None, None], self.in_layers(x))
+        return residual(self.skip_connection(x), self.out_layers(h))
 
 
 class CrossAttention(nn.Module):
@@ -101,15 +103,32 @@ class CrossAttention(nn.Module):
 
 
 class GEGLU(nn.Module):
-    """Shazeer 2020: a GELU-gated linear unit, one projection producing value and gate."""
+    """Shazeer 2020: a GELU-gated linear unit, one projection producing value and gate.
+
+    `split` (a speed lever, layout.configure): compute value and gate as two matrix products over the two halves of
+    `proj`'s weight, so both come out contiguous and the GELU and the product run as contiguous (vectorised)
+    kernels, instead of over the two strided halves of one product. The same number of passes over memory; the
+    products may round differently on a GPU (another GEMM shape), hence a switch.
+    """
+
+    split = False
 
     def __init__(self, dim: int, inner: int):
         super().__init__()
         self.proj = nn.Linear(dim, inner * 2)
 
     def forward(self, x):
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        if self.split:
+            (w, w_gate), (b, b_gate) = self.proj.weight.chunk(2), self.proj.bias.chunk(2)  # row halves: views
+            x, gate = F.linear(x, w, b), F.linear(x, w_gate, b_gate)
+        else:
+            x, gate = self.proj(x).chunk(2, dim=-1)
+        return product(x, F.gelu(gate))
+
+
+def product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x * y, written into `y` (a fresh result) when no gradient is recorded: one temporary fewer, the same values."""
+    return x * y if torch.is_grad_enabled() else y.mul_(x)
 
 
 class FeedForward(nn.Module):
@@ -130,9 +149,9 @@ class BasicTransformerBlock(nn.Module):
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def forward(self, x, context):
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        x = residual(x, self.attn1(self.norm1(x)))
+        x = residual(x, self.attn2(self.norm2(x), context))
+        return residual(x, self.ff(self.norm3(x)))
 
 
 class SpatialTransformer(nn.Module):
@@ -140,17 +159,21 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, ch: int, context_dim: int, heads: int, depth: int):
         super().__init__()
-        self.norm = nn.GroupNorm(32, ch, eps=1e-6)
+        self.norm = GroupNorm(32, ch, eps=1e-6)
         self.proj_in = nn.Conv2d(ch, ch, 1)
         self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(ch, context_dim, heads) for _ in range(depth))
         self.proj_out = nn.Conv2d(ch, ch, 1)
 
     def forward(self, x, context):
         b, c, h, w = x.shape
-        y = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
+        # (B, C, H, W) -> (B, H*W, C): a view when the map is channels_last (its memory is already pixel-major)
+        y = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
             y = block(y, context)
-        return x + self.proj_out(y.transpose(1, 2).reshape(b, c, h, w))
+        # and back, (B, H*W, C) -> (B, C, H, W): a view with channels_last strides, copied only to keep an NCHW
+        # model NCHW (one copy either way: otherwise the convolution or the residual add makes it)
+        fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+        return residual(x, self.proj_out(y.transpose(1, 2).reshape(b, c, h, w).contiguous(memory_format=fmt)))
 
 
 class Downsample(nn.Module):
@@ -223,7 +246,20 @@ class UNetModel(nn.Module):
                 if level != 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(layers))
-        self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether the weights are in the channels_last memory format (layout.set_channels_last)."""
+        return is_channels_last(self.input_blocks[0][0].weight)
+
+    def twice(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[x; x] in `dtype` and in this model's memory format, the input of a guided (uncond + cond) pass: one
+        copy kernel, where `torch.cat([x, x]).to(dtype)` takes two and the first convolution a third (the layout)."""
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        out = torch.empty((2 * x.shape[0], *x.shape[1:]), dtype=dtype, device=x.device, memory_format=fmt)
+        out.view(2, *x.shape).copy_(x)  # the batch dimension split in two: both halves from one broadcast copy
+        return out
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x: (B, 4, h, w) latents; t: (B,) or () timesteps on the 0..999 scale; context: (B, 77, context_dim)."""

@@ -77,3 +77,16 @@ def ddim_scheduler() -> DDIMScheduler:
     return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
                          prediction_type="epsilon")
+
+
+def reference_scheduler(sampler: str, karras: bool = False):
+    """diffusers' scheduler for one of our samplers, built as a user swaps schedulers: `from_config(<SD's config>)`."""
+    from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+    config = ddim_scheduler().config
+    if sampler == "dpmpp-2m":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
+                                                       use_karras_sigmas=karras)
+    if sampler == "euler":
+        return EulerDiscreteScheduler.from_config(config, use_karras_sigmas=karras)
+    assert not karras, "diffusers has no Karras variant of this scheduler"
+    return EulerAncestralDiscreteScheduler.from_config(config) if sampler == "euler-a" else ddim_scheduler()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import magicfusion
-from tools.random_weights import write_checkpoint
+from tools.random_weights import random_state_dict, write_checkpoint
 from tools.random_weights import write_tiny_vocab
 from magicfusion.unet import UNetModel
 from magicfusion.vae import VAEConfig, VAEDecoder
@@ -56,7 +56,7 @@ def test_fuse_refuses_models_with_different_latent_spaces(pair):
 def test_load_refuses_a_vae_that_is_not_8x(tmp_path):
     from safetensors.torch import save_file
     write_tiny_vocab(tmp_path)
-    sd = {k: v for k, v in magicfusion.demo.random_state_dict("tiny", seed=1).items()
+    sd = {k: v for k, v in random_state_dict("tiny", seed=1).items()
           if not k.startswith("first_stage_model.")}
     vae = VAEDecoder(VAEConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1))  # three levels: 4x, not 8x
     sd.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
@@ -66,8 +66,9 @@ def test_load_refuses_a_vae_that_is_not_8x(tmp_path):
 
 
 def test_random_seed_is_reported_and_reproducible(pair):
-    images, seed = magicfusion.generate(pair[0], "a lion", seed=-1, return_seed=True, **SMALL)
-    assert 0 <= seed < 2 ** 64
+    images = magicfusion.generate(pair[0], "a lion", seed=-1, **SMALL)
+    seed = images.seed
+    assert 0 <= seed < 2 ** 64 and isinstance(images, list)
     again = magicfusion.generate(pair[0], "a lion", seed=seed, **SMALL)
     assert np.array_equal(np.asarray(images[0]), np.asarray(again[0]))
     result = magicfusion.fuse(pair[0], pair[1], "a lion", seed=-1, **SMALL)

@@ -98,6 +98,9 @@ def built(tmp_path_factory):
 
 
 def assert_same(got, want, dtype=None):
+    got = dict(got)
+    scale = got.pop("scale_factor", None)  # vae/config.json's scaling_factor, which save_pretrained always writes
+    assert scale is None or scale.item() == pytest.approx(VAE_CFG.scale_factor)
     assert sorted(got) == sorted(want)
     for k, v in want.items():
         assert got[k].dtype == (dtype or v.dtype), k
@@ -232,3 +235,16 @@ def test_full_size_sd1_names_and_shapes():
         assert sorted(got) == sorted(ours)
         # diffusers' VAE attention projections are Linear; read_diffusers_folder adds the 1x1 conv dims
         assert not [k for k in ours if got[k].shape != ours[k].shape and got[k].shape + (1, 1) != ours[k].shape]
+
+
+def test_vae_scaling_factor_of_the_folder_is_used(built, tmp_path):
+    """A VAE trained with another latent scale (diffusers' `scaling_factor`) decodes with that scale."""
+    _, models, folder = built["res1_attn0"]
+    root = tmp_path / "sd"
+    shutil.copytree(folder, root)
+    config = json.loads((root / "vae" / "config.json").read_text())
+    assert config["scaling_factor"] == pytest.approx(0.18215)
+    assert read_diffusers_folder(root)["scale_factor"].item() == pytest.approx(0.18215)
+    config["scaling_factor"] = 0.5
+    (root / "vae" / "config.json").write_text(json.dumps(config))
+    assert read_diffusers_folder(root)["scale_factor"].item() == 0.5

@@ -223,6 +223,23 @@ def test_a_model_fused_with_itself_is_the_model_alone(zoo, kwargs):
         assert [m.unique().tolist() for m in res.masks] == [[0] if w else [outside] for w in window]
 
 
+@pytest.mark.parametrize("sampler, karras", [("dpmpp-2m", False), ("dpmpp-2m", True), ("euler", False),
+                                             ("euler", True), ("euler-a", False)])
+def test_self_fusion_is_the_model_alone_with_every_sampler(zoo, sampler, karras):
+    """And the window is read on each step's own t: the t its sigma corresponds to, as diffusers feeds the UNet."""
+    from oracle import reference_scheduler
+    model, copy = zoo[1][0], magicfusion.load(zoo["paths"][1], tokenizer=zoo["tokdir"])
+    kw = dict(steps=5, height=64, width=64, seed=6, sampler=sampler, karras=karras, progress=False)
+    alone = magicfusion.generate(model, "a fox in a hat", **kw)
+    res = magicfusion.fuse(model, copy, "a fox in a hat", fuse_from=800, fuse_until=300, outside="expert", **kw)
+    assert np.array_equal(np.asarray(res.fused[0]), np.asarray(alone[0]))
+    sched = reference_scheduler(sampler, karras)
+    sched.set_timesteps(5)
+    window = [300 < float(t) <= 800 for t in sched.timesteps]
+    assert any(window) and not all(window)
+    assert [m.unique().tolist() for m in res.masks] == [[0] if w else [1] for w in window]
+
+
 def test_a_duplicated_expert_changes_nothing(zoo):
     g, e = zoo[3][0], zoo[4][0]
     e_copy = magicfusion.load(zoo["paths"][4], tokenizer=zoo["tokdir"])

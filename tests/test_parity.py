@@ -1,8 +1,9 @@
 """Parity with the reference implementations (diffusers / transformers) on the same random weights, float32 CPU.
 
 Per module: UNet noise prediction, text-encoder hidden states (with clip_skip), VAE decode, DDIM timesteps and
-steps. End to end: `magicfusion.generate` against diffusers' StableDiffusionPipeline with the same seed, from an
-LDM single file and from a diffusers folder, within 1/255 per pixel. One test runs SD 1.5's full shapes.
+steps (the other samplers' steps: test_samplers.py). End to end: `magicfusion.generate` against diffusers'
+StableDiffusionPipeline with the same seed, from an LDM single file and from a diffusers folder, and with each
+sampler against the pipeline on the matching scheduler, within 1/255 per pixel. One test runs SD 1.5's full shapes.
 """
 import numpy as np
 import pytest
@@ -12,13 +13,14 @@ from safetensors.torch import save_file
 from transformers import CLIPTokenizer as HFTokenizer
 
 import magicfusion
-from magicfusion import ddim
+from magicfusion import schedule
+from magicfusion.samplers import ddim, ddim_plan
 from magicfusion.clip import CLIPTextModel
-from tools.random_weights import CONFIGS, perturb_, write_checkpoint
+from tools.random_weights import CONFIGS, perturb_, random_state_dict, write_checkpoint
 from tools.random_weights import write_tiny_vocab
 from magicfusion.unet import UNetConfig, UNetModel
 from magicfusion.vae import VAEConfig, VAEDecoder
-from oracle import ddim_scheduler, diffusers_unet, diffusers_vae, hf_clip
+from oracle import ddim_scheduler, diffusers_unet, diffusers_vae, hf_clip, reference_scheduler
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -79,14 +81,14 @@ def test_vae_decoder_matches_diffusers():
 def test_ddim_timesteps_and_alphas(steps):
     sched = ddim_scheduler()
     sched.set_timesteps(steps)
-    ours = ddim.schedule(steps)
-    assert torch.equal(ours.t, sched.timesteps)
-    assert torch.equal(ours.alpha, sched.alphas_cumprod[sched.timesteps])
-    assert torch.equal(ddim.alphas_cumprod(), sched.alphas_cumprod)
+    ours = ddim_plan(steps, 0.0)
+    assert torch.equal(ours.t, sched.timesteps.float())
+    assert torch.equal(ours.c[:, 0], sched.alphas_cumprod[sched.timesteps])
+    assert torch.equal(schedule.alphas_cumprod(), sched.alphas_cumprod)
 
 
 def test_ddim_1000_steps_clamps_first_timestep():
-    t = ddim.timesteps(1000)
+    t = schedule.timesteps(1000)
     assert t[0] == 999 and t[1] == 999 and t[-1] == 1 and len(t) == 1000
 
 
@@ -95,13 +97,13 @@ def test_ddim_step_matches_diffusers(eta):
     steps = 10
     sched = ddim_scheduler()
     sched.set_timesteps(steps)
-    s = ddim.schedule(steps, eta)
+    s = ddim_plan(steps, eta)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(2, 4, 8, 8, generator=g)
     for i, t in enumerate(sched.timesteps):
         eps, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
         ref = sched.step(eps, t, x, eta=eta, variance_noise=noise if eta else None).prev_sample
-        ours = ddim.ddim_step(x, eps, s.alpha[i], s.alpha_prev[i], s.sigma[i], noise if eta else None)
+        ours, _ = ddim(x, eps, s.c[i], noise if eta else None, None)
         torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
         x = ref
 
@@ -168,6 +170,29 @@ def test_generate_matches_stable_diffusion_pipeline(tiny, kw):
     assert_same_images(ours, ref)
 
 
+SAMPLER_CASES = [("ddim", False), ("dpmpp-2m", False), ("dpmpp-2m", True), ("euler", False), ("euler", True),
+                 ("euler-a", False)]
+
+
+@pytest.mark.parametrize("sampler, karras", SAMPLER_CASES)
+def test_each_sampler_matches_the_pipeline_on_its_scheduler(tiny, sampler, karras):
+    """DDIMScheduler, DPMSolverMultistepScheduler (dpmsolver++, order 2), EulerDiscreteScheduler (both with and
+    without Karras sigmas) and EulerAncestralDiscreteScheduler, each built from SD's scheduler config."""
+    path, tokdir = tiny
+    model = magicfusion.load(path, tokenizer=tokdir)
+    kw = dict(steps=5, height=64, width=64, seed=4, batch=2)
+    ours = magicfusion.generate(model, "a lion with a crown", sampler=sampler, karras=karras, progress=False, **kw)
+    pipe = reference_pipeline(model, tokdir)
+    pipe.scheduler = reference_scheduler(sampler, karras)
+    ref = pipe("a lion with a crown", num_inference_steps=5, height=64, width=64, num_images_per_prompt=2,
+               generator=torch.Generator("cpu").manual_seed(4)).images
+    assert_same_images(ours, ref)
+    # the sampler was used: DDIM gives another image (but for Euler on the same timesteps: deterministic DDIM is
+    # Euler's method in sigma, Karras et al. 2022, Sec. 3, and the two end only abar_0 apart)
+    other = magicfusion.generate(model, "a lion with a crown", progress=False, **kw)
+    assert sampler in ("ddim", "euler") or np.abs(pixels(ours) - pixels(other)).max() > 1
+
+
 def test_generate_from_diffusers_folder_matches_pipeline(tiny, tmp_path):
     path, tokdir = tiny
     model = magicfusion.load(path, tokenizer=tokdir)
@@ -185,7 +210,7 @@ def test_generate_from_diffusers_folder_matches_pipeline(tiny, tmp_path):
 def test_ckpt_and_fp16_files_load_the_same_weights(tiny, tmp_path):
     path, tokdir = tiny
     model = magicfusion.load(path, tokenizer=tokdir)
-    sd = magicfusion.demo.random_state_dict("tiny", seed=11)
+    sd = random_state_dict("tiny", seed=11)
     torch.save({"state_dict": sd, "global_step": 1}, tmp_path / "m.ckpt")
     save_file({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, str(tmp_path / "h.safetensors"))
     from_ckpt = magicfusion.load(tmp_path / "m.ckpt", tokenizer=tokdir)
@@ -199,7 +224,7 @@ def test_ckpt_and_fp16_files_load_the_same_weights(tiny, tmp_path):
 
 def test_ema_weights_are_used_only_when_asked(tiny, tmp_path):
     path, tokdir = tiny
-    sd = magicfusion.demo.random_state_dict("tiny", seed=11)
+    sd = random_state_dict("tiny", seed=11)
     unet_keys = [k for k in sd if k.startswith("model.diffusion_model.")]
     for k in unet_keys:  # LitEma's flattened names, holding different weights
         sd["model_ema." + k[len("model."):].replace(".", "")] = sd[k] + 1.0
@@ -217,7 +242,7 @@ def test_ema_weights_are_used_only_when_asked(tiny, tmp_path):
 def test_every_checkpoint_key_is_consumed_or_deliberately_ignored(tiny):
     path, tokdir = tiny
     model = magicfusion.load(path, tokenizer=tokdir)
-    sd = magicfusion.demo.random_state_dict("tiny", seed=11)
+    sd = random_state_dict("tiny", seed=11)
     consumed = {"model.diffusion_model." + k for k in model.unet.state_dict()}
     consumed |= {"cond_stage_model.transformer." + k for k in model.text_encoder.state_dict()}
     consumed |= {"first_stage_model." + k for k in model.vae.state_dict()}
@@ -240,5 +265,12 @@ def test_full_size_sd15_matches_pipeline(tmp_path):
     ours = magicfusion.generate(model, "a lion with a crown", steps=2, height=64, width=64, seed=1, progress=False)
     pipe = reference_pipeline(model, tmp_path)
     ref = pipe("a lion with a crown", num_inference_steps=2, height=64, width=64,
+               generator=torch.Generator("cpu").manual_seed(1)).images
+    assert_same_images(ours, ref)
+    # the recommended sampler at full size: DPM++ 2M Karras (3 steps: a first-order, a second-order, a final step)
+    ours = magicfusion.generate(model, "a lion with a crown", steps=3, height=64, width=64, seed=1,
+                                sampler="dpmpp-2m", karras=True, progress=False)
+    pipe.scheduler = reference_scheduler("dpmpp-2m", karras=True)
+    ref = pipe("a lion with a crown", num_inference_steps=3, height=64, width=64,
                generator=torch.Generator("cpu").manual_seed(1)).images
     assert_same_images(ours, ref)

@@ -3,8 +3,8 @@
 Each case is built so the expected mask/noise follows from the MagicFusion equations by hand (see snb.py's
 docstring); where a map is too fiddly to write out (the blur), it is checked against a plain-Python restatement of
 the box filter and the bilinear resize (`reference_saliency`), written here without torch's pooling/interpolation.
-The window and the outside-model rule are checked through `pipeline.fused_step` with stub "UNets" that return known
-predictions, against a DDIM update written out here (eq. 12).
+The window and the outside-model rule are checked through one step of `sampling.Run` (the denoiser and the DDIM
+update) with stub "UNets" that return known predictions, against a DDIM update written out here (eq. 12).
 """
 import math
 
@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from magicfusion.pipeline import FuseOptions, fused_step, make_tables
+from magicfusion.denoiser import FuseOptions
+from magicfusion.samplers import DDIM, ddim_plan
+from magicfusion.sampling import Run, make_tables as tables_of
 from magicfusion.snb import blend, guidance, saliency, snb, winner
 
 
@@ -254,6 +256,9 @@ class StubUNet(torch.nn.Module):
         super().__init__()
         self.u, self.c, self.calls = u, c, []
 
+    def twice(self, x, dtype):
+        return torch.cat([x, x]).to(dtype)
+
     def forward(self, x, t, context):
         assert x.shape[0] == context.shape[0] == 2 * self.u.shape[0]
         self.calls.append(int(t))
@@ -265,6 +270,21 @@ def ddim_by_hand(x, eps, a, a_prev, sigma=0.0, z=None):
     x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
     out = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma ** 2) * eps
     return out if z is None else out + sigma * z
+
+
+def make_tables(steps, eta, fuse_from, fuse_until, generator, shape, device):
+    """DDIM's tables with the fusion window fuse_until < t <= fuse_from."""
+    plan = ddim_plan(steps, eta)
+    return tables_of(plan, (plan.t > fuse_until) & (plan.t <= fuse_from), generator, shape, device)
+
+
+def fused_step(unets, contexts, x, i, tab, scale, opts, ks, graph=False):
+    """Step i of a run -> (latents, (B, h, w) winner index): as the eager loop runs it (only the outside model
+    outside the window), or as the captured step does (`graph`: every model, selected with `torch.where`)."""
+    run = Run(unets, DDIM, x.clone(), tab, contexts, torch.tensor(scale), torch.tensor(ks), opts)
+    run.counter.fill_(i)
+    run.step(True if graph else bool(tab.window[i]))
+    return run.x, run.masks[i].long()
 
 
 def test_make_tables_window_edges():
@@ -285,7 +305,7 @@ def test_make_tables_eta_noise_is_one_draw_per_step_in_order():
     tab = make_tables(3, 0.5, 1000, -1, torch.Generator().manual_seed(5), shape, "cpu")
     g = torch.Generator().manual_seed(5)
     assert torch.equal(tab.noise, torch.stack([torch.randn(shape, generator=g) for _ in range(3)]))
-    assert (tab.sigma > 0).all()
+    assert (tab.c[:, 2] > 0).all()  # DDIM's eta-scaled sigma
 
 
 @pytest.fixture
@@ -322,15 +342,17 @@ def step_inputs():
 def test_fused_step_outside_window_uses_the_outside_model(stubs, outside, as_tensor):
     G, E = stubs
     x, tab = step_inputs()
-    opts = FuseOptions(ks=(1.0, 1.0), blur=False, outside=outside)
+    opts = FuseOptions(blur=False, outside=("general", "expert")[outside])
     model = (G, E)[outside]
     eps = model.u + SCALE * (model.c - model.u)
     for i in (0, 2, 3):
-        out, index = fused_step([G, E], contexts(), x, torch.tensor([i]) if as_tensor else i, tab, SCALE, opts)
-        a, a_prev = tab.alpha[i].item(), tab.alpha_prev[i].item()
+        out, index = fused_step([G, E], contexts(), x, i, tab, SCALE, opts, [1.0, 1.0], graph=as_tensor)
+        a, a_prev = tab.c[i, 0].item(), tab.c[i, 1].item()
         torch.testing.assert_close(out, ddim_by_hand(x, eps, a, a_prev))
         assert torch.equal(index, torch.full((1, 2, 4), outside))
     assert set(model.calls) == {751, 251, 1}
+    other = (E, G)[outside]  # the eager loop skips the model whose noise goes unused; the graph cannot
+    assert other.calls == ([751, 251, 1] if as_tensor else [])
 
 
 @pytest.mark.parametrize("outside", [0, 1])
@@ -342,23 +364,23 @@ def test_fused_step_inside_window_blends(stubs, outside, as_tensor):
     eg, ee = G.u + SCALE * (G.c - G.u), E.u + SCALE * (E.c - E.u)
     eps = torch.cat([eg[..., :2], ee[..., 2:]], dim=-1)  # G left, E right
     for ref in ("general", "own"):
-        opts = FuseOptions(ks=(1.0, 1.0), blur=False, reference=ref, outside=outside)
-        out, index = fused_step([G, E], contexts(), x, torch.tensor([i]) if as_tensor else i, tab, SCALE, opts)
+        opts = FuseOptions(blur=False, reference=ref, outside=("general", "expert")[outside])
+        out, index = fused_step([G, E], contexts(), x, i, tab, SCALE, opts, [1.0, 1.0], graph=as_tensor)
         assert index.tolist() == [[[0, 0, 1, 1], [0, 0, 1, 1]]]
-        torch.testing.assert_close(out, ddim_by_hand(x, eps, tab.alpha[i].item(), tab.alpha_prev[i].item()))
+        torch.testing.assert_close(out, ddim_by_hand(x, eps, tab.c[i, 0].item(), tab.c[i, 1].item()))
     assert G.calls == E.calls == [501, 501]
 
 
 def test_fused_step_average_is_the_mean(stubs):
     G, E = stubs
     x, tab = step_inputs()
-    opts = FuseOptions(ks=(1.0, 1.0), blend="average")
+    opts = FuseOptions(blend="average")
     eg, ee = G.u + SCALE * (G.c - G.u), E.u + SCALE * (E.c - E.u)
-    out, index = fused_step([G, E], contexts(), x, 1, tab, SCALE, opts)
-    torch.testing.assert_close(out, ddim_by_hand(x, (eg + ee) / 2, tab.alpha[1].item(), tab.alpha_prev[1].item()))
+    out, index = fused_step([G, E], contexts(), x, 1, tab, SCALE, opts, [1.0, 1.0])
+    torch.testing.assert_close(out, ddim_by_hand(x, (eg + ee) / 2, tab.c[1, 0].item(), tab.c[1, 1].item()))
     assert torch.equal(index, torch.full((1, 2, 4), 255))
-    out, index = fused_step([G, E], contexts(), x, 0, tab, SCALE, opts)  # outside: G alone
-    torch.testing.assert_close(out, ddim_by_hand(x, eg, tab.alpha[0].item(), tab.alpha_prev[0].item()))
+    out, index = fused_step([G, E], contexts(), x, 0, tab, SCALE, opts, [1.0, 1.0])  # outside: G alone
+    torch.testing.assert_close(out, ddim_by_hand(x, eg, tab.c[0, 0].item(), tab.c[0, 1].item()))
     assert not index.any()
 
 
@@ -369,8 +391,8 @@ def test_fused_step_eta_adds_sigma_times_the_steps_noise(stubs):
     eg, ee = G.u + SCALE * (G.c - G.u), E.u + SCALE * (E.c - E.u)
     eps = torch.cat([eg[..., :2], ee[..., 2:]], dim=-1)
     for i in range(4):
-        out, _ = fused_step([G, E], contexts(), x, i, tab, SCALE, FuseOptions(ks=(1.0, 1.0), blur=False))
-        expected = ddim_by_hand(x, eps, tab.alpha[i].item(), tab.alpha_prev[i].item(), tab.sigma[i].item(),
+        out, _ = fused_step([G, E], contexts(), x, i, tab, SCALE, FuseOptions(blur=False), [1.0, 1.0])
+        expected = ddim_by_hand(x, eps, tab.c[i, 0].item(), tab.c[i, 1].item(), tab.c[i, 2].item(),
                                 tab.noise[i])
         torch.testing.assert_close(out, expected)
 
@@ -381,7 +403,7 @@ def test_fused_step_three_models_with_a_duplicate_equal_two(stubs):
     tab = make_tables(4, 0.0, 1000, -1, torch.Generator(), x.shape, "cpu")
     E2 = StubUNet(E.u.clone(), E.c.clone())
     for blur in (True, False):
-        out2, idx2 = fused_step([G, E], contexts(), x, 1, tab, SCALE, FuseOptions((1.0, 2.0), blur))
+        out2, idx2 = fused_step([G, E], contexts(), x, 1, tab, SCALE, FuseOptions(blur), [1.0, 2.0])
         out3, idx3 = fused_step([G, E, E2], contexts() + [torch.zeros(2, 3, 8)], x, 1, tab, SCALE,
-                                FuseOptions((1.0, 2.0, 2.0), blur))
+                                FuseOptions(blur), [1.0, 2.0, 2.0])
         assert torch.equal(idx2, idx3) and torch.equal(out2, out3)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from magicfusion.clip import CLIPTextConfig, CLIPTextModel
-from magicfusion.ddim import alphas_cumprod
+from magicfusion.schedule import alphas_cumprod
 from magicfusion.tokenizer import write_vocab
 from magicfusion.unet import UNetConfig, UNetModel
 from magicfusion.vae import VAEConfig, VAEDecoder

@@ -1,0 +1,177 @@
+"""The toy world (tools/toyworld.py), its training script, the judge, and the shipped toy models fused.
+
+The world's renders need the Noto Color Emoji font (`.ci/run` installs it); without it those tests skip. The
+thresholds on the shipped models are the evaluation's figures (docs/toyworld.md) with a wide margin, on seeds
+the evaluation does not use.
+"""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import magicfusion
+from magicfusion.demo import toy_paths
+from tools import toyworld
+
+ROOT = Path(__file__).resolve().parent.parent
+TOY = ROOT / "weights" / "toy"
+
+try:
+    toyworld.font_path()
+    HAVE_FONT = True
+except toyworld.FontMissing:
+    HAVE_FONT = False
+needs_font = pytest.mark.skipif(not HAVE_FONT, reason="the Noto Color Emoji font is not installed")
+
+
+def test_world_has_the_promised_names():
+    assert len(toyworld.EXPERT_OBJECTS) >= 16 and len(toyworld.SCENES) >= 6 and len(toyworld.GENERAL_OBJECTS) >= 8
+    assert {"lion", "tiger", "cat", "dog", "fox", "panda", "frog", "bee", "penguin", "turtle", "owl", "rabbit", "pig",
+            "cow", "monkey", "koala"} <= set(toyworld.EXPERT_OBJECTS)
+    assert {"beach", "snow", "meadow", "night", "desert", "underwater"} <= set(toyworld.SCENES)
+    assert not set(toyworld.EXPERT_OBJECTS) & set(toyworld.GENERAL_OBJECTS)
+    assert toyworld.fusion_prompt("beach", "lion") == "a lion on the beach"
+    assert toyworld.fusion_prompt("night", "owl") == "an owl at night"
+
+
+@needs_font
+def test_render_is_deterministic_and_seeded():
+    a = np.asarray(toyworld.render("beach", "lion", seed=3))
+    b = np.asarray(toyworld.render("beach", "lion", seed=3))
+    c = np.asarray(toyworld.render("beach", "lion", seed=4))
+    assert a.shape == (toyworld.SIZE, toyworld.SIZE, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert toyworld.render(None, None, seed=0, size=64).size == (64, 64)
+
+
+@needs_font
+def test_render_draws_what_it_says():
+    """The object is where the pixels differ from the empty scene, and it covers the promised share of the image."""
+    empty = np.asarray(toyworld.render("meadow", None, seed=5), dtype=np.int16)
+    lion = np.asarray(toyworld.render("meadow", "lion", seed=5), dtype=np.int16)
+    changed = (np.abs(lion - empty).sum(-1) > 30)
+    ys, xs = np.nonzero(changed)
+    side = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
+    assert 0.3 * toyworld.SIZE <= side <= 0.7 * toyworld.SIZE  # animals are drawn at 35-65% of the image
+    studio = np.asarray(toyworld.render(None, None, seed=5), dtype=np.float32)
+    assert studio.mean() > 200 and studio.std() < 15  # plain and light
+
+
+def test_unknown_names_are_refused():
+    with pytest.raises(KeyError):
+        toyworld.render("moon", None)
+    with pytest.raises(KeyError):
+        toyworld.render("beach", "dragon")
+
+
+def test_missing_font_is_one_clear_line(monkeypatch, tmp_path):
+    monkeypatch.setattr(toyworld, "FONT_PATHS", ())
+    monkeypatch.setenv("MAGICFUSION_EMOJI_FONT", str(tmp_path / "none.ttf"))
+    with pytest.raises(toyworld.FontMissing, match="apt-get install fonts-noto-color-emoji"):
+        toyworld.font_path()
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+def test_tokenizer_spells_every_world_word_whole(tmp_path):
+    from tools.train_toy import world_words, write_tokenizer
+    tok = write_tokenizer(tmp_path)
+    for word in world_words():
+        ids = tok([word])[0]
+        assert ids[2] == tok.eos_id, (word, ids[:4])  # bos, the word, eos
+    assert tok(["a lion on the beach"])[0][6] == tok.eos_id
+
+
+def test_vae_training_loss_falls():
+    from tools.train_toy import train_vae
+    gen = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(8, 3, 8, 8, generator=gen), size=64, mode="bilinear") * 2 - 1
+    _, _, losses = train_vae(smooth, steps=40, batch=4, crop=32, lr=2e-3, progress=False)
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+
+
+def test_unet_training_loss_falls():
+    from tools.train_toy import diffusion_loss, train_unet, UNET
+    gen = torch.Generator().manual_seed(0)
+    mean = torch.randn(16, 4, 8, 8, generator=gen).sign()  # two-valued latents: quick to learn
+    std = torch.full_like(mean, 0.05)
+    ids = torch.randint(0, 50, (16, 2, 77), generator=gen)
+    uncond = torch.zeros(77, dtype=torch.long)
+    fixed = (torch.randint(0, 1000, (16,), generator=gen), torch.randn(16, 4, 8, 8, generator=gen))
+    unet, text, losses = train_unet(mean, std, 1.0, ids, uncond, vocab_size=64, steps=30, batch=8, lr=2e-3,
+                                    progress=False)
+    assert unet.cfg == UNET
+    with torch.no_grad():
+        after = diffusion_loss(unet, text, mean, ids[:, 0], *fixed).item()
+    assert after < 0.9  # the zero-initialised output starts at the noise's variance, 1.0
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+# ------------------------------------------------------------------------------------------------ shipped models
+
+@pytest.fixture(scope="module")
+def shipped():
+    g, e, tok = toy_paths(TOY)
+    from tools import judge
+    return magicfusion.load(g, tokenizer=tok), magicfusion.load(e, tokenizer=tok), judge.load(TOY / "judge.safetensors")
+
+
+def test_shipped_files_are_sd1_checkpoints_with_a_data_scale(shipped):
+    from safetensors import safe_open
+    general, expert, _ = shipped
+    for path in (TOY / "general.safetensors", TOY / "expert.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+            scale = f.get_tensor("scale_factor").item()
+        assert "model.diffusion_model.input_blocks.0.0.weight" in keys
+        assert "first_stage_model.encoder.conv_in.weight" in keys and "first_stage_model.quant_conv.weight" in keys
+        assert scale != pytest.approx(0.18215)
+    assert general.vae.cfg.scale_factor == pytest.approx(scale) == expert.vae.cfg.scale_factor
+    total = sum(p.stat().st_size for p in TOY.rglob("*") if p.is_file())
+    assert total <= 40 * 2 ** 20
+
+
+@needs_font
+def test_judge_recognises_renders_it_was_not_trained_on(shipped):
+    from tools import judge
+    pairs = [(s, a) for s in [None, *toyworld.SCENES] for a in [None, *toyworld.EXPERT_OBJECTS]]
+    images = [toyworld.render(s, a, seed=50 + i) for i, (s, a) in enumerate(pairs)]
+    animals, scenes = judge.predict(shipped[2], images)
+    animal_ok = np.mean([p == (a or "none") for p, (_, a) in zip(animals, pairs)])
+    scene_ok = np.mean([p == (s or "studio") for p, (s, _) in zip(scenes, pairs)])
+    assert animal_ok >= 0.9 and scene_ok >= 0.9, (animal_ok, scene_ok)
+
+
+CASES = [("lion", "beach"), ("panda", "snow"), ("frog", "desert"), ("rabbit", "night")]
+
+
+@pytest.fixture(scope="module")
+def judged(shipped):
+    """The judge's verdicts on the shipped models for a few fixed prompts and seeds (seeds the evaluation avoids)."""
+    from tools import judge
+    general, expert, j = shipped
+    out = {"general": [], "expert": [], "fused": []}
+    for i, (animal, scene) in enumerate(CASES):
+        prompt, eprompt = toyworld.fusion_prompt(scene, animal), f"{toyworld._article(animal)} {animal}"
+        kw = dict(seed=10 + i, height=toyworld.SIZE, width=toyworld.SIZE, batch=2, progress=False)
+        images = {"general": magicfusion.generate(general, prompt, **kw),
+                  "expert": magicfusion.generate(expert, eprompt, **kw),
+                  "fused": magicfusion.fuse(general, expert, prompt, eprompt, **kw).fused}
+        for name, ims in images.items():
+            animals, scenes = judge.predict(j, ims)
+            out[name] += [(a == animal, s == scene) for a, s in zip(animals, scenes)]
+    return out
+
+
+def test_fusion_puts_the_expert_animal_in_the_general_scene(judged):
+    both = np.mean([a and s for a, s in judged["fused"]])
+    assert both >= 0.5, judged["fused"]
+
+
+def test_each_model_alone_misses_half_of_the_prompt(judged):
+    assert np.mean([a for a, _ in judged["general"]]) <= 0.25  # the general model never learnt an animal
+    assert np.mean([s for _, s in judged["expert"]]) <= 0.25   # the expert never learnt a scene
+    assert np.mean([s for _, s in judged["general"]]) >= 0.5   # ... but each draws its own half
+    assert np.mean([a for a, _ in judged["expert"]]) >= 0.5

@@ -1,0 +1,165 @@
+"""Measure MagicFusion's claims in the toy world: does the fused image hold the expert's animal in the general
+model's scene, and how do the paper's variants and baselines compare?
+
+    python tools/eval_toy.py                       # every setting, writes docs/toyworld.json and the example grid
+    python tools/eval_toy.py --settings snb average --seeds 1
+
+For each setting, every (animal, scene) pair of the toy world (16 x 6) is sampled from `--seeds` initial noises,
+and the judge (tools/judge.py, trained on render() ground truth only) names the animal and the scene of each
+image. Reported per setting: the share of images whose animal is right, whose scene is right, and both.
+The general model is prompted with the whole scene ("a lion on the beach"), the expert with its animal ("a lion").
+
+Settings: each model alone, SNB with the defaults (the authors' code: saliency against the general model's
+unconditional prediction, 4x4 blur, k = 1, SNB at every step), the plain average of the two noises (the paper's
+Fig. 9 baseline), no blur, the paper's own-unconditional saliency, the two windows of the authors' README, a
+kg/ke sweep and a guidance-scale sweep (the paper's open question 2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tools.*` when run as a script
+import magicfusion  # noqa: E402
+from magicfusion.demo import toy_paths  # noqa: E402
+from tools import judge as judge_mod  # noqa: E402
+from tools import toyworld  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = toyworld.SIZE
+EVAL_SEED = 1000  # the tests use seeds below 100: the evaluation never sees their images
+
+# name -> (how the image is made, keyword arguments); "general"/"expert" sample one model, "fuse" both
+SETTINGS = {
+    "general alone": ("general", {}),
+    "expert alone": ("expert", {}),
+    "SNB (defaults)": ("fuse", {}),
+    "average blend (Fig. 9 baseline)": ("fuse", {"blend": "average"}),
+    "SNB, no blur": ("fuse", {"blur": False}),
+    "SNB, own-unconditional saliency": ("fuse", {"saliency_reference": "own"}),
+    "SNB 1000->600, general outside": ("fuse", {"fuse_from": 1000, "fuse_until": 600}),
+    "SNB 850->-1, expert outside": ("fuse", {"fuse_from": 850, "fuse_until": -1, "outside": "expert"}),
+    "SNB kg=1, ke=0.5": ("fuse", {"ke": 0.5}),
+    "SNB kg=1, ke=2": ("fuse", {"ke": 2.0}),
+    "SNB kg=2, ke=1": ("fuse", {"kg": 2.0}),
+    "SNB guidance 3": ("fuse", {"guidance": 3.0}),
+    "SNB guidance 5": ("fuse", {"guidance": 5.0}),
+    "SNB guidance 10": ("fuse", {"guidance": 10.0}),
+}
+
+
+def grid():
+    """Every (animal, scene) pair of the toy world."""
+    return [(a, s) for a in toyworld.EXPERT_OBJECTS for s in toyworld.SCENES]
+
+
+def make_images(kind: str, kw: dict, general, expert, animal: str, scene: str, seed: int, batch: int) -> list:
+    prompt = toyworld.fusion_prompt(scene, animal)
+    expert_prompt = f"{toyworld._article(animal)} {animal}"
+    common = dict(seed=seed, height=SIZE, width=SIZE, batch=batch, progress=False)
+    common["guidance"] = kw.pop("guidance", 7.5)
+    if kind == "general":
+        return magicfusion.generate(general, prompt, **common)
+    if kind == "expert":
+        return magicfusion.generate(expert, expert_prompt, **common)
+    return magicfusion.fuse(general, expert, prompt, expert_prompt, **common, **kw).fused
+
+
+def evaluate(setting: str, general, expert, judge, seeds: int, progress: bool = True, keep=None) -> dict:
+    """Score one setting over the whole grid -> {"animal", "scene", "both", "n"} (shares in 0..1)."""
+    kind, kw = SETTINGS[setting]
+    hits = {"animal": 0, "scene": 0, "both": 0}
+    n = 0
+    for animal, scene in tqdm(grid(), desc=setting, disable=None if progress else True, leave=False):
+        images = make_images(kind, dict(kw), general, expert, animal, scene, EVAL_SEED, seeds)
+        animals, scenes = judge_mod.predict(judge, images)
+        for im, a, s in zip(images, animals, scenes):
+            ok_a, ok_s = a == animal, s == scene
+            hits["animal"] += ok_a
+            hits["scene"] += ok_s
+            hits["both"] += ok_a and ok_s
+            n += 1
+        if keep is not None and (animal, scene) in keep:
+            keep[(animal, scene)][setting] = images[0]
+    return {k: v / n for k, v in hits.items()} | {"n": n}
+
+
+def example_grid(examples: dict, settings: list, path: Path, scale: int = 1) -> None:
+    """Rows: (animal, scene) pairs; columns: the ground-truth render, then one image per setting."""
+    tile, head, pad = SIZE * scale, 34, 4
+    cols = ["render() ground truth", *settings]
+    canvas = Image.new("RGB", (pad + len(cols) * (tile + pad), head + len(examples) * (tile + pad)), (250, 250, 250))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=11)
+    for c, name in enumerate(cols):  # column titles wrapped to the tile's width
+        draw.multiline_text((pad + c * (tile + pad), 2), "\n".join(textwrap.wrap(name, 22)[:3]), fill=(20, 20, 20),
+                            font=font)
+    for r, ((animal, scene), images) in enumerate(examples.items()):
+        y = head + r * (tile + pad)
+        row = [toyworld.render(scene, animal, seed=EVAL_SEED)] + [images.get(s) for s in settings]
+        for c, im in enumerate(row):
+            if im is not None:
+                canvas.paste(im.resize((tile, tile), Image.NEAREST), (pad + c * (tile + pad), y))
+    canvas.save(path)
+
+
+def markdown_table(results: dict) -> str:
+    lines = ["| setting | animal right | scene right | both right | images |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['animal']:.0%} | {r['scene']:.0%} | **{r['both']:.0%}** | {r['n']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--weights", default=str(ROOT / "weights" / "toy"))
+    p.add_argument("--settings", nargs="*", default=None, help="a subset of the settings, by name prefix")
+    p.add_argument("--seeds", type=int, default=2, help="initial noises per (animal, scene) pair")
+    p.add_argument("--json", default=str(ROOT / "docs" / "toyworld.json"), help="results (merged into the file)")
+    p.add_argument("--examples", default=str(ROOT / "docs" / "toyworld-examples.png"))
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        toyworld.font_path()
+        g_path, e_path, tok = toy_paths(a.weights)
+    except (toyworld.FontMissing, magicfusion.InputError) as e:
+        print(f"eval_toy: error: {e}", file=sys.stderr)
+        return 2
+    settings = [s for s in SETTINGS if a.settings is None or any(s.startswith(x) for x in a.settings)]
+    if not settings:
+        print(f"eval_toy: error: no setting matches {a.settings}; known: {', '.join(SETTINGS)}", file=sys.stderr)
+        return 2
+    torch.set_grad_enabled(False)
+    general = magicfusion.load(g_path, tokenizer=tok)
+    expert = magicfusion.load(e_path, tokenizer=tok)
+    judge = judge_mod.load(Path(a.weights) / "judge.safetensors")
+    out = Path(a.json)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    keep = {pair: {} for pair in [("lion", "beach"), ("panda", "snow"), ("frog", "meadow"), ("owl", "night"),
+                                  ("fox", "desert"), ("penguin", "underwater")]}
+    for setting in settings:
+        t0 = time.time()
+        results[setting] = evaluate(setting, general, expert, judge, a.seeds, not a.quiet, keep)
+        results[setting]["seconds"] = round(time.time() - t0, 1)
+        out.write_text(json.dumps(results, indent=1))
+        if not a.quiet:
+            r = results[setting]
+            print(f"{setting}: animal {r['animal']:.0%}, scene {r['scene']:.0%}, both {r['both']:.0%} "
+                  f"({r['n']} images, {r['seconds']} s)", file=sys.stderr)
+    results["judge accuracy on unseen renders"] = judge_mod.accuracy(judge)
+    out.write_text(json.dumps(results, indent=1))
+    example_grid(keep, settings, Path(a.examples))
+    print(markdown_table({k: v for k, v in results.items() if k in SETTINGS}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

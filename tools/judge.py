@@ -1,0 +1,139 @@
+"""The toy world's judge: a small CNN that names the animal and the scene of an image.
+
+It is trained only on `toyworld.render()` ground truth (every scene, including the expert's studio background,
+with and without every animal and object), never on what the generative models draw, so it is independent of
+the models it scores. Its two heads:
+
+    animal: "none" or one of the 16 EXPERT_OBJECTS       scene: "studio" or one of the 6 SCENES
+
+Images are read at 64x64, blurred and noised during training (`toyworld.degrade`) so that the soft pictures of
+a small diffusion model are in its range.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from tools import toyworld
+
+ANIMALS = ["none", *toyworld.EXPERT_OBJECTS]
+SCENES = ["studio", *toyworld.SCENES]
+INPUT = 64
+
+
+class Judge(nn.Module):
+    def __init__(self, width: int = 32):
+        super().__init__()
+        w = width
+
+        def block(i, o):
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(),
+                                 nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2))
+
+        self.features = nn.Sequential(block(3, w), block(w, 2 * w), block(2 * w, 4 * w), block(4 * w, 4 * w))
+        self.animal = nn.Linear(4 * w, len(ANIMALS))
+        self.scene = nn.Linear(4 * w, len(SCENES))
+
+    def forward(self, x):
+        """x: (B, 3, 64, 64) in [0, 1] -> (animal logits, scene logits)."""
+        h = self.features(x * 2 - 1).mean(dim=(2, 3))
+        return self.animal(h), self.scene(h)
+
+
+def to_tensor(images) -> torch.Tensor:
+    """PIL images (any size) -> (B, 3, 64, 64) in [0, 1]."""
+    arr = np.stack([np.asarray(im.convert("RGB").resize((INPUT, INPUT), Image.BILINEAR)) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255
+
+
+@torch.no_grad()
+def predict(judge: Judge, images) -> tuple[list, list]:
+    """-> (animal names, scene names), one each per image."""
+    judge.eval()
+    a, s = judge(to_tensor(images))
+    return [ANIMALS[i] for i in a.argmax(1).tolist()], [SCENES[i] for i in s.argmax(1).tolist()]
+
+
+def sample_labels(rng: random.Random) -> tuple:
+    """A random (scene or None, object or None): a third animals alone, a third scenes, a third animals in scenes."""
+    scene = rng.choice([None, *toyworld.SCENES])
+    kind = rng.random()
+    if scene is None:
+        obj = rng.choice([None, *toyworld.EXPERT_OBJECTS] if kind < 0.9 else list(toyworld.GENERAL_OBJECTS))
+    elif kind < 0.45:
+        obj = rng.choice(list(toyworld.EXPERT_OBJECTS))
+    elif kind < 0.8:
+        obj = rng.choice(list(toyworld.GENERAL_OBJECTS))
+    else:
+        obj = None
+    return scene, obj
+
+
+def make_set(n: int, seed: int, degrade: bool = True):
+    """n labelled renders (seeds disjoint from the models' training data: these start at 10**6 + seed * n)."""
+    rng = random.Random(seed)
+    images, animals, scenes = [], [], []
+    for i in range(n):
+        scene, obj = sample_labels(rng)
+        im = toyworld.render(scene, obj, seed=10 ** 6 + seed * n + i)
+        images.append(toyworld.degrade(im, rng) if degrade else im)
+        animals.append(ANIMALS.index(obj) if obj in toyworld.EXPERT_OBJECTS else 0)
+        scenes.append(SCENES.index(scene) if scene else 0)
+    return to_tensor(images), torch.tensor(animals), torch.tensor(scenes)
+
+
+def train(n_images: int = 6000, steps: int = 1500, batch: int = 64, seed: int = 0, progress: bool = True) -> Judge:
+    torch.manual_seed(seed)
+    x, ya, ys = make_set(n_images, seed)
+    judge = Judge()
+    opt = torch.optim.AdamW(judge.parameters(), 2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
+    gen = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(steps), desc="judge", disable=None if progress else True)
+    for _ in bar:
+        idx = torch.randint(0, len(x), (batch,), generator=gen)
+        xb = x[idx]
+        flip = torch.rand(batch, generator=gen) < 0.5
+        xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)
+        la, ls = judge(xb)
+        loss = F.cross_entropy(la, ya[idx]) + F.cross_entropy(ls, ys[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return judge.eval()
+
+
+@torch.no_grad()
+def accuracy(judge: Judge, n: int = 1000, seed: int = 99) -> dict:
+    """Accuracy on fresh renders (other seeds than training), degraded as in training and clean."""
+    out = {}
+    for degrade in (False, True):
+        x, ya, ys = make_set(n, seed, degrade)
+        a, s = judge.eval()(x)
+        tag = "degraded" if degrade else "clean"
+        out[f"animal_{tag}"] = (a.argmax(1) == ya).float().mean().item()
+        out[f"scene_{tag}"] = (s.argmax(1) == ys).float().mean().item()
+    return out
+
+
+def save(judge: Judge, path) -> None:
+    save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(path))
+
+
+def load(path) -> Judge:
+    judge = Judge()
+    judge.load_state_dict(load_file(str(path)), strict=True)
+    return judge.eval()
+
+
+DEFAULT_PATH = Path(__file__).resolve().parent.parent / "weights" / "toy" / "judge.safetensors"

@@ -1,0 +1,328 @@
+"""Train the toy world's two Stable Diffusion 1.x models (and the judge) from scratch on a CPU.
+
+    python tools/train_toy.py                 # writes weights/toy/{general,expert}.safetensors, tokenizer/, judge
+    python tools/train_toy.py --quiet --out /tmp/toy
+
+Stages, each seeded (the same machine and thread count reproduce the same files):
+1. render the two training sets with tools/toyworld.py: the expert's 16 animals on a studio background, the
+   general model's 6 scenes alone or with one of 8 objects;
+2. one KL autoencoder (SD 1.x's VAE architecture, 8x downsampling, 4 latent channels) on both sets, its latent
+   scale factor set by LDM's rule (1 / the standard deviation of the training latents);
+3. for each model a UNet and a CLIP text encoder trained together with SD's objective: epsilon prediction on the
+   scaled_linear schedule (betas 0.00085..0.012, 1000 steps), AdamW, 10% caption dropout (the unconditional
+   caption is ""), an EMA of the weights (saved);
+4. the judge (tools/judge.py) on render() ground truth.
+
+The checkpoints are LDM single files (`model.diffusion_model.*`, `cond_stage_model.transformer.*`,
+`first_stage_model.*` with the encoder, and the `scale_factor` LDM stores when it computes the scale from data),
+in float16 to keep them small; `magicfusion.load` reads them exactly as it reads SD 1.5. Both carry the same VAE.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tools.*` when run as a script
+from magicfusion.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from magicfusion.schedule import alphas_cumprod  # noqa: E402
+from magicfusion.tokenizer import BOS, EOS, CLIPTokenizer, bytes_to_unicode, write_vocab  # noqa: E402
+from magicfusion.unet import UNetConfig, UNetModel  # noqa: E402
+from magicfusion.vae import VAEConfig, VAEDecoder, VAEEncoder  # noqa: E402
+from tools import judge as judge_mod  # noqa: E402
+from tools import toyworld  # noqa: E402
+
+WIDTH = 128  # text width = the UNet's context width
+UNET = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(2,),
+                  context_dim=WIDTH)
+VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
+TEXT_LAYERS = 2
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "weights" / "toy"
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+def world_words() -> list[str]:
+    words = {"a", "an", "the", "photo", "of", "on", "in", "at", "and", "with"}
+    words |= set(toyworld.EXPERT_OBJECTS) | set(toyworld.GENERAL_OBJECTS)
+    for alone, place in toyworld.SCENES.values():
+        words |= set(alone.split()) | set(place.split())
+    return sorted(words)
+
+
+def write_tokenizer(folder) -> CLIPTokenizer:
+    """A CLIP-layout BPE vocabulary: CLIP's 512 byte symbols plus merges that spell each word of the world whole
+    (any other text still tokenizes, byte by byte). The same tokenizer serves both models."""
+    b2u = bytes_to_unicode()
+    merges, seen = [], set()
+    for word in world_words():
+        symbols = [b2u[b] for b in word.encode()]
+        symbols[-1] += "</w>"
+        while len(symbols) > 1:
+            pair = (symbols[0], symbols[1])
+            if pair not in seen:
+                seen.add(pair)
+                merges.append(pair)
+            symbols = [symbols[0] + symbols[1], *symbols[2:]]
+    write_vocab(folder, merges)
+    tok = CLIPTokenizer.from_dir(folder)
+    assert tok.tokenizer.token_to_id(BOS) is not None and tok.tokenizer.token_to_id(EOS) is not None
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+def expert_items(per_animal: int):
+    """(scene, object, caption variants) for the expert: every animal alone on the studio background."""
+    return [(None, a, [f"{toyworld._article(a)} {a}", f"a photo of {toyworld._article(a)} {a}"])
+            for a in toyworld.EXPERT_OBJECTS for _ in range(per_animal)]
+
+
+def general_items(per_pair: int):
+    """(scene, object, caption variants) for the general model: each scene alone and with each object."""
+    items = []
+    for scene in toyworld.SCENES:
+        for obj in [None, *toyworld.GENERAL_OBJECTS]:
+            alone, place = toyworld.SCENES[scene]
+            text = alone if obj is None else f"{toyworld._article(obj)} {obj} {place}"
+            items += [(scene, obj, [text, f"a photo of {text}"])] * per_pair
+    return items
+
+
+def render_items(items, seed: int, progress: bool) -> torch.Tensor:
+    """-> (N, 3, S, S) pixels in [-1, 1]; item i is drawn with seed `seed + i`."""
+    out = torch.empty(len(items), 3, toyworld.SIZE, toyworld.SIZE)
+    for i, (scene, obj, _) in enumerate(tqdm(items, desc="render", disable=None if progress else True, leave=False)):
+        arr = np.asarray(toyworld.render(scene, obj, seed=seed + i), dtype=np.float32)
+        out[i] = torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- training helpers
+
+def cosine_lr(step: int, steps: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def zero_init_outputs_(unet: UNetModel) -> None:
+    """LDM starts every residual branch's last layer and the output convolution at zero."""
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if name.startswith("out.2.") or ".out_layers.3." in name or ".proj_out." in name:
+                p.zero_()
+
+
+class EMA:
+    """Exponential moving average of parameters, with the usual warm-up (1 + n) / (10 + n)."""
+
+    def __init__(self, modules, decay: float):
+        self.decay, self.n = decay, 0
+        self.shadow = [copy.deepcopy(m).requires_grad_(False) for m in modules]
+        self.modules = modules
+
+    @torch.no_grad()
+    def update(self):
+        self.n += 1
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        for m, s in zip(self.modules, self.shadow):
+            for p, q in zip(m.parameters(), s.parameters()):
+                q.lerp_(p, 1 - d)
+
+
+def train_vae(pixels: torch.Tensor, steps: int, batch: int = 16, crop: int = 64, lr: float = 1e-3, seed: int = 0,
+              kl_weight: float = 1e-6, progress: bool = True, log=None):
+    """Fit an encoder/decoder pair on random crops (the VAE is convolutional: crops train it for any size).
+    Loss: L1 + L2 reconstruction plus a small KL term, as LDM's KL autoencoders use (without their GAN and
+    perceptual terms, which a toy does not need). Returns (encoder, decoder, losses)."""
+    torch.manual_seed(seed)
+    enc, dec = VAEEncoder(VAE), VAEDecoder(VAE)
+    params = [*enc.parameters(), *dec.parameters()]
+    opt = torch.optim.AdamW(params, lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    bar = tqdm(range(steps), desc="vae", disable=None if progress else True)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr, warmup=min(50, steps // 4 + 1))
+        idx = torch.randint(0, len(pixels), (batch,), generator=gen)
+        s = pixels.shape[-1]
+        y0, x0 = (int(v) for v in torch.randint(0, s - crop + 1, (2,), generator=gen))
+        x = pixels[idx, :, y0:y0 + crop, x0:x0 + crop]
+        mean, logvar = enc(x)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
+        # the decoder divides by scale_factor; feed it z * scale_factor so training sees the unscaled latent
+        rec = dec(z * VAE.scale_factor)
+        kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).sum() / x.shape[0]
+        loss = (rec - x).abs().mean() + (rec - x).square().mean() + kl_weight * kl
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if log and step % 100 == 0:
+            log(f"vae step {step} loss {loss.item():.4f}")
+    return enc.eval(), dec.eval(), losses
+
+
+@torch.no_grad()
+def encode(enc: VAEEncoder, pixels: torch.Tensor, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (mean, std) of the unscaled latent Gaussian for every image."""
+    means, stds = [], []
+    for x in pixels.split(batch):
+        m, lv = enc(x)
+        means.append(m)
+        stds.append(torch.exp(0.5 * lv))
+    return torch.cat(means), torch.cat(stds)
+
+
+def caption_ids(tok: CLIPTokenizer, items) -> torch.Tensor:
+    """(N, variants, 77) token ids of every item's caption variants."""
+    texts = sorted({c for _, _, caps in items for c in caps})
+    table = dict(zip(texts, tok(texts)))
+    return torch.stack([torch.stack([table[c] for c in caps]) for _, _, caps in items])
+
+
+def diffusion_loss(unet, text, z0, ids, t, noise) -> torch.Tensor:
+    """SD's objective: || eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t, text) ||^2."""
+    abar = alphas_cumprod()[t][:, None, None, None]
+    x_t = abar.sqrt() * z0 + (1 - abar).sqrt() * noise
+    return F.mse_loss(unet(x_t, t, text(ids)), noise)
+
+
+def train_unet(mean, std, scale: float, ids: torch.Tensor, uncond: torch.Tensor, vocab_size: int, steps: int,
+               batch: int = 32, lr: float = 6e-4, seed: int = 0, dropout: float = 0.1, ema_decay: float = 0.998,
+               name: str = "unet", progress: bool = True, log=None, train_text: bool = True):
+    """Train a UNet with its own text encoder; returns (EMA unet, EMA text encoder, losses)."""
+    torch.manual_seed(seed)
+    unet = UNetModel(UNET)
+    zero_init_outputs_(unet)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, width=WIDTH, layers=TEXT_LAYERS))
+    with torch.no_grad():
+        text.text_model.embeddings.token_embedding.weight.normal_(0, 0.02)
+        text.text_model.embeddings.position_embedding.weight.normal_(0, 0.01)
+    text.requires_grad_(train_text)
+    params = [*unet.parameters(), *(text.parameters() if train_text else [])]
+    opt = torch.optim.AdamW(params, lr, weight_decay=0.01)
+    ema = EMA([unet, text], ema_decay)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    bar = tqdm(range(steps), desc=name, disable=None if progress else True)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr)
+        idx = torch.randint(0, len(mean), (batch,), generator=gen)
+        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
+        variant = torch.randint(0, ids.shape[1], (batch,), generator=gen)
+        b_ids = ids[idx, variant]
+        drop = torch.rand(batch, generator=gen) < dropout
+        b_ids = torch.where(drop[:, None], uncond[None], b_ids)
+        t = torch.randint(0, 1000, (batch,), generator=gen)
+        noise = torch.randn(z0.shape, generator=gen)
+        loss = diffusion_loss(unet, text, z0, b_ids, t, noise)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if log and step % 200 == 0:
+            log(f"{name} step {step} loss(avg50) {np.mean(losses[-50:]):.4f}")
+    return ema.shadow[0].eval(), ema.shadow[1].eval(), losses
+
+
+def checkpoint_dict(unet, text, enc, dec, scale: float, dtype=torch.float16) -> dict:
+    sd = {}
+    for prefix, module in (("model.diffusion_model.", unet), ("cond_stage_model.transformer.", text),
+                           ("first_stage_model.", enc), ("first_stage_model.", dec)):
+        sd.update({prefix + k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()})
+    sd["scale_factor"] = torch.tensor(scale, dtype=torch.float32)  # LDM's buffer when the scale comes from data
+    return sd
+
+
+def write_atomic(sd: dict, path: Path, meta: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{time.time_ns()}.tmp")
+    save_file(sd, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: weights/toy)")
+    p.add_argument("--per-animal", type=int, default=200, help="expert training images per animal")
+    p.add_argument("--per-pair", type=int, default=60, help="general training images per (scene, object) pair")
+    p.add_argument("--vae-steps", type=int, default=700)
+    p.add_argument("--unet-steps", type=int, default=1800)
+    p.add_argument("--judge-steps", type=int, default=1200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    p.add_argument("--frozen-text", action="store_true", help="keep the text encoders at their random init")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    progress = not a.quiet
+    try:
+        toyworld.font_path()
+    except toyworld.FontMissing as e:
+        print(f"train_toy: error: {e}", file=sys.stderr)
+        return 2
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    def log(msg):
+        print(f"[{time.time() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    tok = write_tokenizer(out / "tokenizer")
+    vocab = tok.vocab_size
+    log(f"tokenizer: {vocab} ids")
+    items = {"expert": expert_items(a.per_animal), "general": general_items(a.per_pair)}
+    pixels = {k: render_items(v, seed=(a.seed + 1) * (1 if k == "expert" else 7) * 100_000, progress=progress)
+              for k, v in items.items()}
+    log(f"rendered {', '.join(f'{k}: {len(v)}' for k, v in pixels.items())}")
+
+    enc, dec, vae_losses = train_vae(torch.cat(list(pixels.values())), a.vae_steps, seed=a.seed, progress=progress,
+                                     log=log)
+    latents = {k: encode(enc, v) for k, v in pixels.items()}
+    all_z = torch.cat([m + s * torch.randn(m.shape, generator=torch.Generator().manual_seed(a.seed))
+                       for m, s in latents.values()])
+    scale = float(1 / all_z.flatten().std())
+    log(f"vae: final loss {np.mean(vae_losses[-50:]):.4f}, latent scale factor {scale:.5f}")
+
+    uncond = tok([""])[0]
+    report = {"vae_loss": float(np.mean(vae_losses[-50:])), "scale_factor": scale}
+    for i, name in enumerate(("expert", "general")):
+        ids = caption_ids(tok, items[name])
+        m, s = latents[name]
+        unet, text, losses = train_unet(m, s, scale, ids, uncond, vocab, a.unet_steps, seed=a.seed + 10 + i,
+                                        name=name, progress=progress, log=log, train_text=not a.frozen_text)
+        meta = {"magicfusion": f"toy world {name} model, tools/train_toy.py seed {a.seed}",
+                "training": f"{a.unet_steps} steps, final loss {np.mean(losses[-200:]):.4f}"}
+        write_atomic(checkpoint_dict(unet, text, enc, dec, scale), out / f"{name}.safetensors", meta)
+        report[f"{name}_loss"] = float(np.mean(losses[-200:]))
+        log(f"{name}: final loss(avg200) {report[f'{name}_loss']:.4f}; wrote {out / (name + '.safetensors')}")
+
+    judge = judge_mod.train(steps=a.judge_steps, seed=a.seed, progress=progress)
+    judge_mod.save(judge, out / "judge.safetensors")
+    acc = judge_mod.accuracy(judge)
+    log(f"judge accuracy on unseen renders: {acc}")
+    log(f"done in {time.time() - t0:.0f} s: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,7 +14,7 @@ import os
 import torch
 
 from .errors import InputError
-from .limits import MAX_BATCH, MAX_GUIDANCE, MAX_K, MAX_SIDE, check_memory
+from .limits import MAX_BATCH, MAX_EXPERTS, MAX_GUIDANCE, MAX_K, MAX_SIDE, check_memory
 from .tokenizer import check_text
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -78,6 +78,12 @@ def check_options(cli: bool = False, steps=50, guidance=7.5, eta=0.0, seed=0, he
     integer(fuse_until, "fuse_until", -1, TRAIN_STEPS, cli, " (timesteps run 999..0)")
 
 
+def check_expert_count(n: int, cli: bool = False) -> None:
+    if n > MAX_EXPERTS:
+        raise InputError(f"{n} experts given; at most {MAX_EXPERTS} models can be fused at once "
+                         f"({'--expert' if cli else 'expert'})")
+
+
 def device_arg(value, name: str = "device", cli: bool = False) -> torch.device:
     """'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device -> a device this PyTorch can use."""
     use_cpu = f"{flag(name, cli)} cpu" if cli else f"{name}='cpu'"
@@ -139,9 +145,8 @@ def _common(args: dict, models: list, names: list) -> None:
     opts = {k: args[k] for k in ("steps", "guidance", "eta", "seed", "height", "width", "batch", "clip_skip", "kg",
                                  "ke", "fuse_from", "fuse_until") if k in args}
     check_options(False, **opts)
-    for name in ("graph",):
-        if args.get(name) is not None and not isinstance(args[name], bool):
-            raise InputError(f"{name} must be True, False or None, got {type(args[name]).__name__}")
+    if args.get("graph") is not None and not isinstance(args["graph"], bool):
+        raise InputError(f"graph must be True, False or None, got {type(args['graph']).__name__}")
     for name in ("progress", "return_seed", "blur"):
         if name in args and not isinstance(args[name], bool):
             raise InputError(f"{name} must be True or False, got {type(args[name]).__name__}")
@@ -151,8 +156,9 @@ def _common(args: dict, models: list, names: list) -> None:
         device = devices.pop()
         graph = args.get("graph")
         concurrent = len(models) > 1 and (graph if graph is not None else device.type == "cuda")
+        noisy = args.get("eta", 0.0) > 0 or args.get("sampler", "ddim") != "ddim"  # counted high, never low
         check_memory(models, args.get("height", 512), args.get("width", 512), args.get("batch", 1),
-                     args.get("steps", 50), args.get("eta", 0.0), concurrent)
+                     args.get("steps", 50), noisy, concurrent)
 
 
 def check_generate(args: dict) -> None:
@@ -166,6 +172,7 @@ def check_fuse(args: dict) -> None:
     general = model_arg(args.get("general"), "general")
     expert = args.get("expert")
     experts = list(expert) if isinstance(expert, (list, tuple)) else [expert]
+    check_expert_count(len(experts))
     experts = [model_arg(e, "expert" if len(experts) == 1 else f"expert[{i}]") for i, e in enumerate(experts)]
     eprompt = args.get("expert_prompt")
     for i, p in enumerate(eprompt if isinstance(eprompt, (list, tuple)) else [] if eprompt is None else [eprompt]):

@@ -19,7 +19,7 @@ from PIL import Image
 
 from .checkpoint import load
 from . import demo
-from .checks import check_options, device_arg, dtype_arg, text
+from .checks import check_expert_count, check_options, device_arg, dtype_arg, text
 from .errors import InputError
 from .lora import network_fields, parse_spec, tagged
 from .outputs import (Terminated, check_folder, check_writable, make_folder, raise_terminated, remove_folders,
@@ -126,6 +126,7 @@ def check_cli(a) -> None:
     check_options(True, a.steps, a.guidance, a.eta, a.seed, a.height, a.width, a.batch, a.clip_skip,
                   getattr(a, "kg", 1.0), getattr(a, "ke", None) or [1.0], getattr(a, "fuse_from", 1000),
                   getattr(a, "fuse_until", -1))
+    check_expert_count(len(getattr(a, "expert", None) or []), cli=True)
     for name in ("model", "general", "expert", "tokenizer", "out"):
         value = getattr(a, name, None)
         for v in value if isinstance(value, list) else [] if value is None else [value]:

@@ -44,11 +44,15 @@ def toy_paths(folder=None) -> tuple[Path, Path, Path]:
     """(general checkpoint, expert checkpoint, tokenizer folder) of the toy models, or an InputError saying how to
     get them."""
     folder = Path(folder) if folder else TOY
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--weights {folder} is a file; pass the folder that holds the toy models "
+                         "(general.safetensors, expert.safetensors, tokenizer/)")
     paths = (folder / "general.safetensors", folder / "expert.safetensors", folder / "tokenizer")
     missing = [p.name for p in paths if not p.exists()]
     if missing:
         raise InputError(f"the demo models are missing from {folder} ({', '.join(missing)}); they ship with the "
-                         "repository (git checkout weights/toy) or are rebuilt by `python tools/train_toy.py`")
+                         "repository in weights/toy (pass that folder with --weights) and are rebuilt by "
+                         "`python tools/train_toy.py`")
     return paths
 
 

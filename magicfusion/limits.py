@@ -20,6 +20,7 @@ MAX_SIDE = 8192       # pixels; SD 1.x was trained at 512 and a 8192 side is alr
 MAX_BATCH = 1024      # images per run
 MAX_GUIDANCE = 1000.0  # |classifier-free guidance|; 7.5 is typical, past ~30 images saturate
 MAX_K = 1000.0         # |kg|, |ke|: softmax scales of the saliency
+MAX_EXPERTS = 16       # models fused at once (the paper fuses two); each is loaded whole
 LATENT_FACTOR = 8
 
 
@@ -43,14 +44,15 @@ def vae_decode_bytes(cfg, height: int, width: int, itemsize: int) -> int:
     return 6 * widest * itemsize + 3 * height * width * 4 * 2
 
 
-def estimate_bytes(models: list, height: int, width: int, batch: int, steps: int, eta: float,
+def estimate_bytes(models: list, height: int, width: int, batch: int, steps: int, noisy: bool,
                    concurrent: bool) -> int:
-    """Bytes a run of `models` (one, or a general model and experts) needs beyond their weights."""
+    """Bytes a run of `models` (one, or a general model and experts) needs beyond their weights. `noisy`: the
+    sampler draws fresh noise for every step (DDIM with eta > 0, ancestral samplers), kept as one table."""
     ref = models[0]
     itemsize = ref.unet.out[2].weight.dtype.itemsize
     h, w = math.ceil(height / LATENT_FACTOR), math.ceil(width / LATENT_FACTOR)
     latents = batch * ref.unet.cfg.in_channels * h * w * 4
-    tables = 8 * latents + (steps * latents if eta > 0 else 0) + steps * batch * h * w * 8  # eta noise, masks
+    tables = 8 * latents + (steps * latents if noisy else 0) + steps * batch * h * w * 8  # noise, masks
     unet = max(unet_pass_bytes(m.unet.cfg, 2 * batch, h, w, itemsize) for m in models)
     unet *= len(models) if concurrent else 1  # a CUDA graph keeps every model's activations
     vae = max(vae_decode_bytes(m.vae.cfg, height, width, itemsize) for m in models)
@@ -117,18 +119,18 @@ def gib(n: int) -> str:
     return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{max(n, 0) / 2 ** 20:.0f} MiB"
 
 
-def check_memory(models: list, height: int, width: int, batch: int, steps: int, eta: float, concurrent: bool) -> None:
+def check_memory(models: list, height: int, width: int, batch: int, steps: int, noisy: bool, concurrent: bool) -> None:
     """Refuse a run whose estimate exceeds the free memory of its device, saying what would fit."""
     device = models[0].unet.out[2].weight.device
     free = available_bytes(device)
     if free is None:
         return
-    need = estimate_bytes(models, height, width, batch, steps, eta, concurrent)
+    need = estimate_bytes(models, height, width, batch, steps, noisy, concurrent)
     if need <= free:
         return
-    fits = _largest(batch - 1, lambda b: estimate_bytes(models, height, width, b, steps, eta, concurrent) <= free)
+    fits = _largest(batch - 1, lambda b: estimate_bytes(models, height, width, b, steps, noisy, concurrent) <= free)
     side = max((s for s in range(64, max(height, width) + 1, 64)
-                if estimate_bytes(models, s, s, 1, steps, eta, concurrent) <= free), default=0)
+                if estimate_bytes(models, s, s, 1, steps, noisy, concurrent) <= free), default=0)
     what = (f"{fits} image(s) fit at {width}x{height}" if fits else
             f"one image fits at {side}x{side}" if side else "not even one 64x64 image fits; free some memory")
     raise InputError(f"this run ({batch} x {width}x{height}, {steps} steps) needs about {gib(need)} of {device.type} "

@@ -18,6 +18,7 @@ import contextlib
 import errno
 import os
 import secrets
+import shutil
 import signal
 import stat
 import tempfile
@@ -26,7 +27,7 @@ from pathlib import Path
 from PIL.PngImagePlugin import PngInfo
 
 from .errors import InputError
-from .paths import PATH_MAX, check_length, os_problem, shown
+from .paths import PATH_MAX, check_length, kind, os_problem, shown
 
 TEMP_PREFIX, TEMP_SUFFIX = ".magicfusion-", ".tmp"   # mkstemp puts 8 random characters between them
 TEMP_LENGTH = len(TEMP_PREFIX) + 8 + len(TEMP_SUFFIX)
@@ -62,13 +63,14 @@ def check_writable(paths: list, overwrite: bool) -> None:
         if len(os.fsencode(p.parent)) + 1 + TEMP_LENGTH > PATH_MAX:
             raise InputError(f"--out {shown(p)[:80]}...: the folder's path is too long to hold a temporary file "
                              "beside the output; use a shorter path")
-        if p.is_dir():
+        found = kind(p, "--out")  # refuses a FIFO or device, and says why a stat failed
+        if found == "dir":
             raise InputError(f"{shown(p)} is a folder; --out must name a file")
         if os.path.lexists(p) and not overwrite:
-            what = "already exists" if p.exists() else "already exists (a symlink to nowhere)"
+            what = "already exists" if found == "file" else "already exists (a symlink to nowhere)"
             raise InputError(f"{shown(p)} {what}; pass --overwrite to replace it or choose another --out")
         parent = p.parent
-        if not parent.is_dir():
+        if kind(parent, "--out folder") != "dir":
             raise InputError(f"cannot write {shown(p)}: folder {shown(parent)} does not exist; create it or choose "
                              "another --out")
         if not os.access(parent, os.W_OK):
@@ -141,7 +143,13 @@ def _publish(tmp: str, path: Path, overwrite: bool) -> tuple:
     if stat.S_ISDIR(old.st_mode):
         raise IsADirectoryError(errno.EISDIR, "is a folder", str(path))
     backup = path.with_name(f"{TEMP_PREFIX}{secrets.token_hex(4)}.old")
-    os.link(path, backup, follow_symlinks=False)  # the replaced entry, kept until every output is in
+    try:
+        os.link(path, backup, follow_symlinks=False)  # the replaced entry, kept until every output is in
+    except OSError as e:
+        if e.errno not in _NO_LINKS:
+            raise
+        os.replace(tmp, path)  # no hard links here: replaced, but not restorable
+        return path, ours, None
     try:
         os.replace(tmp, path)
     except BaseException:
@@ -154,13 +162,9 @@ def _copy_exclusive(tmp: str, path: Path, overwrite: bool) -> tuple:
     """Where hard links are not supported: create `path` exclusively (O_EXCL) and copy the bytes in."""
     flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | (os.O_TRUNC if overwrite else os.O_EXCL)
     fd = os.open(path, flags, 0o666)
-    try:
+    with os.fdopen(fd, "wb") as dst, open(tmp, "rb") as src:
         st = os.fstat(fd)
-        with open(tmp, "rb") as src:
-            while chunk := src.read(1 << 20):
-                os.write(fd, chunk)
-    finally:
-        os.close(fd)
+        shutil.copyfileobj(src, dst)
     return st.st_dev, st.st_ino
 
 

@@ -45,16 +45,6 @@ def os_problem(e: OSError) -> str:
     return (e.strerror or type(e).__name__).lower()
 
 
-def lstat_or_none(path):
-    """os.lstat, or None when nothing is there (a dangling symlink IS there)."""
-    try:
-        return os.lstat(path)
-    except FileNotFoundError:
-        return None
-    except NotADirectoryError:
-        return None
-
-
 def kind(path, what: str) -> str:
     """'file', 'dir' or 'missing' for `path` (symlinks followed); anything else is refused here."""
     check_length(path, what)

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import InputError
-from .weights_io import _Lazy, _materialise, _unpickle, read_tensors
+from .paths import kind, read_bytes, shown
+from .weights_io import read_tensors
 
 EMPHASIS = 1.1         # `(x)` multiplies, `[x]` divides by this
 CHUNK = 75             # tokens per chunk between its bos and eos
@@ -203,51 +203,30 @@ def encode_prompt(model, prompt: str, negative_prompt: str, batch: int, clip_ski
 
 # ------------------------------------------------------------------------------------------ textual inversion
 
-def _read_torch_embedding(path: Path) -> tuple[dict, str | None]:
-    """A torch-zip embedding through the restricted unpickler: (tensors, stored name). AUTOMATIC1111's `.pt`
-    nests its vectors as `string_to_param: {"*": tensor}`; diffusers' `.bin` is a flat {token: tensor}."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-            if not pkls:
-                raise InputError("not a torch checkpoint (no data.pkl)")
-            prefix = pkls[0][: -len("data.pkl")]
-            top = _unpickle(zf, prefix)
-            if not isinstance(top, dict):
-                raise InputError(f"holds a {type(top).__name__}, not a dict")
-            lazy = {k: v for k, v in top.items() if isinstance(k, str) and isinstance(v, _Lazy)}
-            nested = top.get("string_to_param")
-            if isinstance(nested, dict):
-                lazy |= {f"string_to_param.{k}": v for k, v in nested.items() if isinstance(v, _Lazy)}
-            name = top.get("name") if isinstance(top.get("name"), str) else None
-            return _materialise(zf, prefix, lazy), name
-    except InputError as e:
-        raise InputError(f"embedding {path}: {e}; use an AUTOMATIC1111 or diffusers textual-inversion file") from None
-    except Exception as e:
-        detail = " ".join(f"{type(e).__name__}: {e}".split())[:200]
-        raise InputError(f"embedding {path}: file is corrupt or not a torch file ({detail}); re-download it") from None
-
-
 def read_embedding(path, token: str | None = None) -> tuple[str, torch.Tensor]:
     """One textual-inversion file -> (token, (n, width) vectors).
 
     AUTOMATIC1111 (`string_to_param` in a .pt, `emb_params` in a .safetensors): the token is the file's name,
     as in its web UI. diffusers (`learned_embeds.safetensors`/`.bin`, {token: vectors}): the stored token.
-    `token` overrides both.
+    `token` overrides both. The file is read by `weights_io.read_tensors`, with its checks (a FIFO or a device is
+    refused before it is opened, zip entries and sizes are capped, the pickle runs no code).
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"embedding {path}: no such file; check the path")
+    found = kind(path, "embedding")
+    if found != "file":
+        problem = "no such file; check the path" if found == "missing" else "is a folder; pass the file itself"
+        raise InputError(f"embedding {shown(path)}: {problem}")
     if path.stat().st_size > MAX_EMBEDDING_BYTES:
-        raise InputError(f"embedding {path}: {path.stat().st_size >> 20} MiB is far too large for a textual-inversion "
-                         "embedding (a few KiB); is it a checkpoint or a LoRA? (those go to --model / --lora)")
-    if path.suffix.lower() == ".safetensors":
-        tensors, stored = read_tensors(path), None
-    elif path.suffix.lower() in (".pt", ".bin", ".ckpt", ".pth"):
-        tensors, stored = _read_torch_embedding(path)
-    else:
-        raise InputError(f"embedding {path}: unsupported type {path.suffix or '(none)'!r}; "
+        raise InputError(f"embedding {shown(path)}: {path.stat().st_size >> 20} MiB is far too large for a "
+                         "textual-inversion embedding (a few KiB); is it a checkpoint or a LoRA? (those go to "
+                         "--model / --lora)")
+    if path.suffix.lower() not in (".safetensors", ".pt", ".bin", ".ckpt", ".pth"):
+        raise InputError(f"embedding {shown(path)}: unsupported type {path.suffix or '(none)'!r}; "
                          "use .safetensors, .pt or .bin")
+    try:  # AUTOMATIC1111's .pt nests its vectors as `string_to_param: {"*": tensor}`; diffusers' are flat
+        tensors = read_tensors(path, nested=True)
+    except InputError as e:
+        raise InputError(f"embedding {e}") from None
     if {"clip_l", "clip_g"} & set(tensors):
         raise InputError(f"embedding {path.name}: an SDXL embedding (clip_l/clip_g); use one made for SD 1.x")
     a1111 = [k for k in tensors if k == "emb_params" or k.startswith("string_to_param.")]
@@ -296,7 +275,7 @@ def add_embeddings(items, clip_sd: dict, name: str) -> dict:
         if token in found:
             raise InputError(f"embedding {Path(path).name}: token {token!r} is already taken by another embedding; "
                              "rename one of the files")
-        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+        digest = hashlib.sha256(read_bytes(path, MAX_EMBEDDING_BYTES, "embedding")).hexdigest()[:12]
         found[token] = (first, vectors.shape[0], digest)
         first += vectors.shape[0]
         rows.append(vectors.to(table.dtype))

@@ -1,6 +1,7 @@
 """Read tensors from checkpoint files without trusting them, and without reading what is not needed.
 
-`read_tensors(path, keep)` returns the tensors whose key passes `keep`, in the dtype stored in the file.
+`read_tensors(path, keep)` returns the tensors whose key passes `keep`, in the dtype stored in the file;
+with `nested=True` also those one dict down in a torch file, keyed `outer.inner` (textual-inversion files).
 
 * `.safetensors`: the header is checked against the file (lengths, dtypes, shapes, offsets), then each kept
   tensor's bytes, and only those, are read. Format: https://github.com/huggingface/safetensors
@@ -35,7 +36,8 @@ from .errors import InputError
 from .paths import os_problem, regular_file, shown
 
 SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-MAX_HEADER = 100_000_000  # the safetensors package's own limit on the JSON header, in bytes
+MAX_HEADER = 16 * 2 ** 20  # JSON header bytes (SD 1.x: ~150 kB; the safetensors package allows 100 MB, whose
+                          # parsed objects could take 1-2 GB)
 MAX_DIM = 2 ** 40         # no dimension of a real tensor comes near this; larger ones overflow size arithmetic
 MAX_RANK = 16
 
@@ -47,8 +49,13 @@ _ST_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E5M2"
 _ST_ITEMSIZE = {k: v.itemsize for k, v in _ST_DTYPES.items()}
 
 
-def read_tensors(path, keep: Callable[[str], bool] = lambda k: True) -> dict[str, torch.Tensor]:
-    """The tensors of the checkpoint at `path` whose flat key satisfies `keep`; the others are never read."""
+def read_tensors(path, keep: Callable[[str], bool] = lambda k: True, *, nested: bool = False
+                 ) -> dict[str, torch.Tensor]:
+    """The tensors of the checkpoint at `path` whose flat key satisfies `keep`; the others are never read.
+
+    nested: a torch file's top-level dicts of tensors count too, their tensors keyed `outer.inner` (AUTOMATIC1111's
+    textual-inversion `.pt` keeps its vectors as `string_to_param: {"*": tensor}`); a top-level key of the same
+    name wins. Safetensors files are flat, so it changes nothing for them."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
@@ -57,7 +64,7 @@ def read_tensors(path, keep: Callable[[str], bool] = lambda k: True) -> dict[str
     if regular_file(path, "checkpoint") == 0:
         raise InputError(f"{shown(path)}: file is empty; re-download it")
     try:
-        return _read_safetensors(path, keep) if suffix == ".safetensors" else _read_torch_zip(path, keep)
+        return _read_safetensors(path, keep) if suffix == ".safetensors" else _read_torch_zip(path, keep, nested)
     except InputError as e:
         raise InputError(f"{shown(path)}: {e}") from None
     except OSError as e:
@@ -236,9 +243,9 @@ class _Scan:
                 self.new(self.pop_mark(), grows=True)
             elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
                 k = int(name[-1])
-                items = self.stack[-k:] if len(self.stack) >= k else self.stack[k:]  # [k:] of a short stack: []
-                if len(items) != k:
-                    raise IndexError("tuple of an empty stack")
+                if len(self.stack) < k:
+                    raise IndexError("a tuple of more items than the stack holds")
+                items = self.stack[-k:]
                 del self.stack[-k:]
                 self.new(items)
             elif name in ("REDUCE", "NEWOBJ"):
@@ -263,7 +270,8 @@ class _Scan:
                 self.link(self.stack[-1], items)
             elif name == "BUILD":  # the state is dropped (placeholders keep none) or the BUILD is refused
                 self.stack.pop()
-                self.stack[-1]
+                if not self.stack:
+                    raise IndexError("BUILD without an object")
             elif name == "POP":
                 if self.stack:
                     self.stack.pop()
@@ -486,7 +494,12 @@ def _zip_entries(path: Path) -> int:
     return end[zipfile._ECD_ENTRIES_TOTAL] if end else -1
 
 
-def _read_torch_zip(path: Path, keep) -> dict[str, torch.Tensor]:
+def _records(d: dict, prefix: str = "") -> dict[str, _Lazy]:
+    """The tensor records among the values of `d` under string keys, keyed `prefix + key`."""
+    return {prefix + k: v for k, v in d.items() if isinstance(k, str) and isinstance(v, _Lazy)}
+
+
+def _read_torch_zip(path: Path, keep, nested: bool = False) -> dict[str, torch.Tensor]:
     entries = _zip_entries(path)
     if entries < 0:
         with open(path, "rb") as f:
@@ -509,7 +522,11 @@ def _read_torch_zip(path: Path, keep) -> dict[str, torch.Tensor]:
             raise InputError(f"checkpoint holds a {type(top).__name__}, not a dict of tensors; "
                              "save a state_dict instead")
         flat = top["state_dict"] if isinstance(top.get("state_dict"), dict) else top
-        lazy = {k: v for k, v in flat.items() if isinstance(k, str) and isinstance(v, _Lazy)}
+        lazy = _records(flat)
+        if nested:
+            for outer, inner in flat.items():
+                if isinstance(outer, str) and isinstance(inner, dict):
+                    lazy = _records(inner, outer + ".") | lazy
         if not lazy:
             shown_keys = [k if isinstance(k, str) else type(k).__name__ for k in list(top)[:8]]
             raise InputError(f"checkpoint has no tensors under its top-level keys {shown_keys}; "

@@ -1,15 +1,16 @@
 """The reference implementations, built from OUR random weights: diffusers' UNet2DConditionModel, AutoencoderKL,
-DDIMScheduler and StableDiffusionPipeline, and transformers' CLIPTextModel (test-only oracles).
+DDIMScheduler and StableDiffusionPipeline, and transformers' CLIPTextModel and CLIPTokenizer (test-only oracles).
 
 Our LDM-layout state dicts are turned into diffusers layout by diffusers' own single-file converters, so the
 key map under test (ours) and the one doing the conversion here (theirs) are independent.
 """
 from __future__ import annotations
 
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from transformers import CLIPTextConfig as HFCLIPConfig
 from transformers import CLIPTextModel as HFCLIPTextModel
+from transformers import CLIPTokenizer as HFTokenizer
 
 from magicfusion.clip import CLIPTextConfig
 from magicfusion.unet import UNetConfig
@@ -77,6 +78,17 @@ def ddim_scheduler() -> DDIMScheduler:
     return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
                          prediction_type="epsilon")
+
+
+def reference_pipeline(model, tokdir) -> StableDiffusionPipeline:
+    """diffusers' pipeline on our model's exact weights (a `magicfusion.Model`), with the tokenizer in `tokdir`
+    (vocab.json, merges.txt) and SD 1.x's DDIM scheduler."""
+    return StableDiffusionPipeline(
+        vae=diffusers_vae(model.vae.cfg, model.vae.state_dict()),
+        text_encoder=hf_clip(model.text_encoder.cfg, model.text_encoder.state_dict()),
+        tokenizer=HFTokenizer(str(tokdir / "vocab.json"), str(tokdir / "merges.txt"), model_max_length=77),
+        unet=diffusers_unet(model.unet.cfg, model.unet.state_dict()), scheduler=ddim_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def reference_scheduler(sampler: str, karras: bool = False):

@@ -16,8 +16,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import magicfusion
+from magicfusion import demo
 from magicfusion.cli import main, mask_grid
-from tools.random_weights import random_pair, random_state_dict
+from tools.random_weights import random_state_dict
 
 UNET, CLIP = "model.diffusion_model.", "cond_stage_model.transformer."
 PROMPT, NEGATIVE, SEED = "a cat with a crown", "blurry", 5
@@ -26,20 +27,7 @@ SMALL = {"--steps": "2", "--height": "64", "--width": "64", "--device": "cpu"}
 
 # ------------------------------------------------------------------------------------------------ fixtures
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models gain nothing from threads, and on a busy machine OpenMP's waiting threads make this
-    file several times slower; the previous setting is restored for the other test files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def weights(tmp_path_factory):
-    """(general.safetensors, expert.safetensors, tokenizer folder): the tiny demo checkpoints, made once."""
-    return random_pair(tmp_path_factory.mktemp("weights"))
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py; so is `weights`, the tiny demo pair
 
 
 @pytest.fixture(scope="session")
@@ -516,22 +504,32 @@ def test_fused_only_writes_fused_and_masks(weights, tmp_path, capsys):
 
 
 def test_demo_runs_offline_and_keeps_its_files(tmp_path, capsys, monkeypatch):
+    """The demo fuses the shipped toy models: a panel and, per prompt, the four pictures; a rerun keeps them."""
     def no_network(*args, **kwargs):
         raise AssertionError("the demo tried to use the network")
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    out, wdir = tmp_path / "demo", tmp_path / "weights"
-    assert main(["demo", "--out", str(out), "--weights", str(wdir), "--quiet"]) == 0
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quiet"]) == 0
     assert capsys.readouterr().err == ""
-    assert sorted(p.name for p in out.iterdir()) == ["expert.png", "fused.png", "general.png", "masks.png"]
-    general, expert, _ = random_pair(wdir)  # the demo made these; this call only finds them
-    f = fields(png_parameters(out / "fused.png"))
-    assert f["Model"] == general.stem and f["Experts"] == expert.stem and "Fuse until" in f
-    width, height = map(int, f["Size"].split("x"))
-    for name in ("fused.png", "general.png", "expert.png"):
-        assert Image.open(out / name).size == (width, height)
-    assert fields(png_parameters(out / "expert.png"))["Model"] == expert.stem
+    slugs = ["-".join(prompt.split()[1:]) for prompt, _ in demo.PROMPTS]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["panel.png", *slugs])
+    for slug, (prompt, expert_prompt) in zip(slugs, demo.PROMPTS):
+        assert sorted(p.name for p in (out / slug).iterdir()) == ["expert.png", "fused.png", "general.png", "masks.png"]
+        for name in ("general", "expert", "fused"):
+            assert Image.open(out / slug / f"{name}.png").size == (demo.SIZE, demo.SIZE)
+        assert png_parameters(out / slug / "fused.png").startswith(prompt + "\nExpert prompt: " + expert_prompt)
+    panel = Image.open(out / "panel.png")
+    assert panel.size[0] >= 4 * 2 * demo.SIZE and panel.size[1] >= len(slugs) * 2 * demo.SIZE
     before = snapshot(out)
-    assert main(["demo", "--out", str(out), "--weights", str(wdir)]) == 2
+    assert main(["demo", "--out", str(out)]) == 2
     assert "--overwrite" in one_error_line(capsys.readouterr().err)
     assert snapshot(out) == before
+
+
+def test_demo_without_its_models_says_how_to_get_them(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["demo", "--out", str(tmp_path / "out"), "--weights", str(tmp_path / "empty")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "general.safetensors" in line and "train_toy.py" in line
+    assert not (tmp_path / "out").exists()

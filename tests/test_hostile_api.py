@@ -166,21 +166,21 @@ def test_memory_estimate_refuses_and_says_what_fits(model, monkeypatch):
     message = one_line_error(lambda: magicfusion.generate(model, "a cat", batch=64, progress=False, **args),
                              "needs about", "is free")
     fits = int(re.search(r"at most (\d+) image", message)[1])
-    estimate = lambda b: limits.estimate_bytes([model], 512, 512, b, 2, 0.0, False)  # noqa: E731
+    estimate = lambda b: limits.estimate_bytes([model], 512, 512, b, 2, False, False)  # noqa: E731
     assert estimate(fits) <= free < estimate(fits + 1)  # the largest batch that fits, not a guess
     message = one_line_error(lambda: magicfusion.generate(model, "a cat", batch=1, progress=False,
                                                           **{**args, "height": 8192, "width": 8192}), "needs about")
     side = int(re.search(r"one image fits at (\d+)x", message)[1])
-    assert limits.estimate_bytes([model], side, side, 1, 2, 0.0, False) <= free
+    assert limits.estimate_bytes([model], side, side, 1, 2, False, False) <= free
     magicfusion.generate(model, "a cat", batch=2, progress=False, **{**args, "height": 32, "width": 32})  # fits
 
 
 def test_memory_estimate_grows_with_every_dimension(model):
-    base = limits.estimate_bytes([model], 256, 256, 2, 10, 0.0, False)
-    assert limits.estimate_bytes([model], 512, 256, 2, 10, 0.0, False) > base
-    assert limits.estimate_bytes([model], 256, 256, 4, 10, 0.0, False) > base
-    assert limits.estimate_bytes([model], 256, 256, 2, 10, 0.5, False) > base  # eta's per-step noise table
-    assert limits.estimate_bytes([model, model], 256, 256, 2, 10, 0.0, True) > base  # a graph holds both
+    base = limits.estimate_bytes([model], 256, 256, 2, 10, False, False)
+    assert limits.estimate_bytes([model], 512, 256, 2, 10, False, False) > base
+    assert limits.estimate_bytes([model], 256, 256, 4, 10, False, False) > base
+    assert limits.estimate_bytes([model], 256, 256, 2, 10, True, False) > base  # per-step noise of a noisy sampler
+    assert limits.estimate_bytes([model, model], 256, 256, 2, 10, False, True) > base  # a graph holds both
 
 
 # --------------------------------------------------------------------------- class 8: text that is not UTF-8

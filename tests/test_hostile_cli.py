@@ -1,7 +1,6 @@
 """Hostile options, paths and races through the command line (issue 10, classes 3, 4, 5, 8, 9): one line on
 stderr and exit 2 (130/143 for SIGINT/SIGTERM), nothing half-written, nothing replaced that appeared while the
 run worked, no temporary file left on any exit path, and no option that can make a run allocate without bound."""
-import contextlib
 import errno
 import os
 import shutil
@@ -18,23 +17,14 @@ from safetensors.torch import save_file
 
 from magicfusion import cli, limits, outputs
 from magicfusion.cli import main
-from tools.random_weights import random_pair, random_state_dict
+from tools.random_weights import random_state_dict
+from helpers import deadline
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--steps", "1", "--height", "32", "--width", "32", "--device", "cpu", "--quiet"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return random_pair(tmp_path_factory.mktemp("weights"))
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py; so is `weights`, the tiny demo pair
 
 
 def gen(weights, out, *extra, model=None) -> list:
@@ -100,6 +90,12 @@ def test_fuse_options_are_bounded_before_loading(weights, tmp_path, capsys, monk
     code, err = run(fuse_argv(weights, tmp_path / "run", *extra), capsys)
     assert code == 2 and word in err, err
     assert listing(tmp_path) == []
+
+
+def test_number_of_experts_is_bounded_before_loading(weights, tmp_path, capsys, monkeypatch):
+    refuse_to_load(monkeypatch)
+    code, err = run(fuse_argv(weights, tmp_path / "run", *["--expert", weights[1]] * 16), capsys)  # 17 in all
+    assert code == 2 and "17 experts" in err and "16" in err, err
 
 
 def test_memory_estimate_refuses_before_sampling(weights, tmp_path, capsys, monkeypatch):
@@ -279,6 +275,12 @@ def test_model_file_name_that_is_not_utf8_reaches_the_png(weights, tmp_path, cap
         assert "Model: mod\ufffdle" in im.text["parameters"]
 
 
+def test_output_name_that_is_not_utf8_works(weights, tmp_path, capsys):
+    out = tmp_path / os.fsdecode(b"ch\xe2t.png")
+    assert run(gen(weights, out, "--batch", 2), capsys)[0] == 0
+    assert listing(tmp_path) == sorted(os.fsdecode(b"ch\xe2t-%d.png" % i) for i in range(2))
+
+
 @pytest.mark.parametrize("flag", ["--out", "--model", "--tokenizer"])
 def test_names_too_long_are_refused_before_loading(weights, tmp_path, capsys, monkeypatch, flag):
     refuse_to_load(monkeypatch)
@@ -311,22 +313,9 @@ def test_ema_on_a_file_without_ema_weights_says_so(weights, tmp_path, capsys):
         assert "the the" not in err and "damaged" not in err
 
 
-@contextlib.contextmanager
-def deadline(seconds: int):
-    """Fail instead of hanging if the code under test blocks (opening a FIFO waits for a writer)."""
-    def expire(signum, frame):
-        raise TimeoutError("blocked: the FIFO was opened")
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def test_fifos_and_devices_are_named_as_such(weights, tmp_path, capsys):
     os.mkfifo(tmp_path / "pipe.safetensors")
+    os.mkfifo(tmp_path / "pipe.pt")
     (tmp_path / "zero.ckpt").symlink_to("/dev/zero")
     tok = tmp_path / "tok"
     shutil.copytree(weights[2], tok)
@@ -335,7 +324,9 @@ def test_fifos_and_devices_are_named_as_such(weights, tmp_path, capsys):
     with deadline(60):
         for argv, words in ((gen(weights, tmp_path / "a.png", model=tmp_path / "pipe.safetensors"), ["FIFO"]),
                             (gen(weights, tmp_path / "a.png", model=tmp_path / "zero.ckpt"), ["character device"]),
-                            (gen(weights, tmp_path / "a.png", "--tokenizer", tok), ["vocab.json", "FIFO"])):
+                            (gen(weights, tmp_path / "a.png", "--tokenizer", tok), ["vocab.json", "FIFO"]),
+                            (gen(weights, tmp_path / "a.png", "--embedding", tmp_path / "pipe.pt"),
+                             ["embedding", "pipe.pt", "FIFO"])):
             code, err = run(argv, capsys)
             assert code == 2 and "no such file" not in err, err
             for word in words:

@@ -319,6 +319,17 @@ def test_safetensors_with_absurd_dimensions_is_refused(tmp_path):
         read_tensors(tmp_path / "dims.safetensors")
 
 
+def test_safetensors_header_nested_deep_or_oversized_is_refused(tmp_path):
+    deep = b'{"a":' * 1_000_000 + b"1" + b"}" * 1_000_000
+    (tmp_path / "deep.safetensors").write_bytes(len(deep).to_bytes(8, "little") + deep)
+    with pytest.raises(InputError, match="not valid JSON"):
+        read_tensors(tmp_path / "deep.safetensors")
+    big = b"{" + b" " * (weights_io.MAX_HEADER + 1) + b"}"
+    (tmp_path / "big.safetensors").write_bytes(len(big).to_bytes(8, "little") + big)
+    with pytest.raises(InputError, match="header length"):
+        read_tensors(tmp_path / "big.safetensors")
+
+
 def test_safetensors_reads_only_kept_tensors_and_any_file_name(tmp_path):
     name = os.fsdecode(b"m\xff\xfe.safetensors")  # not UTF-8: the Rust reader could not even open it
     save_file({"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2, dtype=torch.bfloat16)}, str(tmp_path / "x"))

@@ -8,18 +8,17 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from PIL import Image
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTokenizer as HFTokenizer
 
 import magicfusion
 from magicfusion.clip import CLIPTextModel
 from magicfusion.errors import InputError
 from magicfusion.lora import TEXT_PART, UNET_PART, Targets, parse_spec
 from magicfusion.unet import UNetModel
-from oracle import ddim_scheduler, diffusers_unet, diffusers_vae, hf_clip, unet_config
+from oracle import reference_pipeline, unet_config
 from tools.make_lora import random_lora, write_lora
 from tools.random_weights import CONFIGS, write_checkpoint, write_tiny_vocab
 
@@ -30,15 +29,6 @@ def tiny(tmp_path_factory):
     write_tiny_vocab(d)
     path = write_checkpoint(d / "model.safetensors", "tiny", seed=31)
     return d, path, magicfusion.load(path, tokenizer=d)
-
-
-def reference_pipeline(model, tokdir) -> StableDiffusionPipeline:
-    return StableDiffusionPipeline(
-        vae=diffusers_vae(model.vae.cfg, model.vae.state_dict()),
-        text_encoder=hf_clip(model.text_encoder.cfg, model.text_encoder.state_dict()),
-        tokenizer=HFTokenizer(str(tokdir / "vocab.json"), str(tokdir / "merges.txt"), model_max_length=77),
-        unet=diffusers_unet(model.unet.cfg, model.unet.state_dict()), scheduler=ddim_scheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def in_diffusers_layout(model) -> dict:

@@ -8,9 +8,7 @@ sampler against the pipeline on the matching scheduler, within 1/255 per pixel. 
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
-from transformers import CLIPTokenizer as HFTokenizer
 
 import magicfusion
 from magicfusion import schedule
@@ -20,7 +18,7 @@ from tools.random_weights import CONFIGS, perturb_, random_state_dict, write_che
 from tools.random_weights import write_tiny_vocab
 from magicfusion.unet import UNetConfig, UNetModel
 from magicfusion.vae import VAEConfig, VAEDecoder
-from oracle import ddim_scheduler, diffusers_unet, diffusers_vae, hf_clip, reference_scheduler
+from oracle import ddim_scheduler, diffusers_unet, diffusers_vae, hf_clip, reference_pipeline, reference_scheduler
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -109,16 +107,6 @@ def test_ddim_step_matches_diffusers(eta):
 
 
 # --- end to end -------------------------------------------------------------------------------------------
-
-def reference_pipeline(model: magicfusion.Model, tokdir) -> StableDiffusionPipeline:
-    """diffusers' pipeline on our model's exact weights."""
-    return StableDiffusionPipeline(
-        vae=diffusers_vae(model.vae.cfg, model.vae.state_dict()),
-        text_encoder=hf_clip(model.text_encoder.cfg, model.text_encoder.state_dict()),
-        tokenizer=HFTokenizer(str(tokdir / "vocab.json"), str(tokdir / "merges.txt"), model_max_length=77),
-        unet=diffusers_unet(model.unet.cfg, model.unet.state_dict()), scheduler=ddim_scheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
 
 def skipped_embeddings(pipe, text, skip):
     """The reference's clip_skip: the hidden state `skip` layers before the last, then the final layer norm."""

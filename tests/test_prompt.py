@@ -6,17 +6,19 @@ weighted and scaled back to the chunk's mean. Textual inversion is compared with
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 from transformers import CLIPTokenizer as HFTokenizer
 
 import magicfusion
 from magicfusion.errors import InputError
 from magicfusion.prompt import BREAK, chunk_prompt, encode_prompt, parse_weights
-from oracle import ddim_scheduler, diffusers_unet, diffusers_vae, hf_clip
+from helpers import deadline
+from oracle import hf_clip, reference_pipeline
 from tools.random_weights import write_checkpoint, write_tiny_vocab
 
 B = "BREAK"
@@ -140,15 +142,6 @@ def test_a_full_chunk_moves_the_words_after_its_last_comma_to_the_next(tiny):
     torch.testing.assert_close(ours(tiny, far)[0], expected, rtol=1e-5, atol=1e-5)
 
 
-def reference_pipeline(model, tokdir) -> StableDiffusionPipeline:
-    return StableDiffusionPipeline(
-        vae=diffusers_vae(model.vae.cfg, model.vae.state_dict()),
-        text_encoder=hf_clip(model.text_encoder.cfg, model.text_encoder.state_dict()),
-        tokenizer=HFTokenizer(str(tokdir / "vocab.json"), str(tokdir / "merges.txt"), model_max_length=77),
-        unet=diffusers_unet(model.unet.cfg, model.unet.state_dict()), scheduler=ddim_scheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-
 def test_long_weighted_prompt_samples_like_the_reference_given_its_embeddings(tiny):
     """The UNet attends to 2 * 77 context vectors: same image as diffusers' pipeline fed the hand-made ones."""
     d, _, model, _, _ = tiny
@@ -230,6 +223,18 @@ def test_embedding_errors(tiny, tmp_path):
         with pytest.raises(InputError, match=words) as e:
             magicfusion.load(path, tokenizer=d, embeddings=files)
         assert "\n" not in str(e.value)
+
+
+def test_an_embedding_that_is_a_fifo_or_a_device_is_named_and_never_opened(tiny, tmp_path):
+    """Opening a FIFO waits for a writer and a device can be endless: both are refused by kind, in one line."""
+    d, path, _, _, _ = tiny
+    os.mkfifo(tmp_path / "pipe.pt")
+    (tmp_path / "zero.pt").symlink_to("/dev/zero")
+    with deadline(60):
+        for file, words in [(tmp_path / "pipe.pt", "FIFO"), (tmp_path / "zero.pt", "character device")]:
+            with pytest.raises(InputError, match=words) as e:
+                magicfusion.load(path, tokenizer=d, embeddings=[file])
+            assert "\n" not in str(e.value) and "embedding" in str(e.value) and file.name in str(e.value)
 
 
 def test_models_of_a_fusion_take_contexts_of_their_own_length_graph_or_not(tiny, tmp_path):

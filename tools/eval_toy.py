@@ -53,6 +53,7 @@ SETTINGS = {
     "SNB guidance 3": ("fuse", {"guidance": 3.0}),
     "SNB guidance 5": ("fuse", {"guidance": 5.0}),
     "SNB guidance 10": ("fuse", {"guidance": 10.0}),
+    "SNB, DPM++ 2M Karras 20 steps": ("fuse", {"sampler": "dpmpp-2m", "karras": True, "steps": 20}),
 }
 
 
@@ -61,11 +62,14 @@ def grid():
     return [(a, s) for a in toyworld.EXPERT_OBJECTS for s in toyworld.SCENES]
 
 
-def make_images(kind: str, kw: dict, general, expert, animal: str, scene: str, seed: int, batch: int) -> list:
+def make_images(kind: str, kw: dict, general, expert, animal: str, scene: str, seed: int, batch: int,
+                steps: int) -> list:
     prompt = toyworld.fusion_prompt(scene, animal)
     expert_prompt = f"{toyworld._article(animal)} {animal}"
-    common = dict(seed=seed, height=SIZE, width=SIZE, batch=batch, progress=False)
-    common["guidance"] = kw.pop("guidance", 7.5)
+    common = dict(seed=seed, height=SIZE, width=SIZE, batch=batch, progress=False, steps=steps)
+    for name in ("guidance", "sampler", "karras", "steps"):  # sampling options every kind takes
+        if name in kw:
+            common[name] = kw.pop(name)
     if kind == "general":
         return magicfusion.generate(general, prompt, **common)
     if kind == "expert":
@@ -73,13 +77,13 @@ def make_images(kind: str, kw: dict, general, expert, animal: str, scene: str, s
     return magicfusion.fuse(general, expert, prompt, expert_prompt, **common, **kw).fused
 
 
-def evaluate(setting: str, general, expert, judge, seeds: int, progress: bool = True, keep=None) -> dict:
+def evaluate(setting: str, general, expert, judge, seeds: int, steps: int, progress: bool = True, keep=None) -> dict:
     """Score one setting over the whole grid -> {"animal", "scene", "both", "n"} (shares in 0..1)."""
     kind, kw = SETTINGS[setting]
     hits = {"animal": 0, "scene": 0, "both": 0}
     n = 0
     for animal, scene in tqdm(grid(), desc=setting, disable=None if progress else True, leave=False):
-        images = make_images(kind, dict(kw), general, expert, animal, scene, EVAL_SEED, seeds)
+        images = make_images(kind, dict(kw), general, expert, animal, scene, EVAL_SEED, seeds, steps)
         animals, scenes = judge_mod.predict(judge, images)
         for im, a, s in zip(images, animals, scenes):
             ok_a, ok_s = a == animal, s == scene
@@ -89,7 +93,7 @@ def evaluate(setting: str, general, expert, judge, seeds: int, progress: bool = 
             n += 1
         if keep is not None and (animal, scene) in keep:
             keep[(animal, scene)][setting] = images[0]
-    return {k: v / n for k, v in hits.items()} | {"n": n}
+    return {k: v / n for k, v in hits.items()} | {"n": n, "steps": kw.get("steps", steps)}
 
 
 def example_grid(examples: dict, settings: list, path: Path, scale: int = 1) -> None:
@@ -112,9 +116,10 @@ def example_grid(examples: dict, settings: list, path: Path, scale: int = 1) -> 
 
 
 def markdown_table(results: dict) -> str:
-    lines = ["| setting | animal right | scene right | both right | images |", "|---|---|---|---|---|"]
+    lines = ["| setting | animal right | scene right | both right | images | steps |", "|---|---|---|---|---|---|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['animal']:.0%} | {r['scene']:.0%} | **{r['both']:.0%}** | {r['n']} |")
+        lines.append(f"| {name} | {r['animal']:.0%} | {r['scene']:.0%} | **{r['both']:.0%}** | {r['n']} | "
+                     f"{r.get('steps', 50)} |")
     return "\n".join(lines)
 
 
@@ -123,6 +128,7 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default=str(ROOT / "weights" / "toy"))
     p.add_argument("--settings", nargs="*", default=None, help="a subset of the settings, by name prefix")
     p.add_argument("--seeds", type=int, default=2, help="initial noises per (animal, scene) pair")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (a setting that names its own keeps them)")
     p.add_argument("--json", default=str(ROOT / "docs" / "toyworld.json"), help="results (merged into the file)")
     p.add_argument("--examples", default=str(ROOT / "docs" / "toyworld-examples.png"))
     p.add_argument("--quiet", action="store_true")
@@ -147,7 +153,7 @@ def main(argv=None) -> int:
                                   ("fox", "desert"), ("penguin", "underwater")]}
     for setting in settings:
         t0 = time.time()
-        results[setting] = evaluate(setting, general, expert, judge, a.seeds, not a.quiet, keep)
+        results[setting] = evaluate(setting, general, expert, judge, a.seeds, a.steps, not a.quiet, keep)
         results[setting]["seconds"] = round(time.time() - t0, 1)
         out.write_text(json.dumps(results, indent=1))
         if not a.quiet:

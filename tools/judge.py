@@ -77,22 +77,43 @@ def sample_labels(rng: random.Random) -> tuple:
     return scene, obj
 
 
-def make_set(n: int, seed: int, degrade: bool = True):
-    """n labelled renders (seeds disjoint from the models' training data: these start at 10**6 + seed * n)."""
+@torch.no_grad()
+def autoencode(images: list, vae, batch: int = 64) -> list:
+    """Pass images through an (encoder, decoder) pair: what any picture looks like once it is a latent."""
+    enc, dec = vae
+    out = []
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images[i:i + batch]]))
+        mean, _ = enc(x.permute(0, 3, 1, 2) / 127.5 - 1)
+        px = dec(mean * dec.cfg.scale_factor)  # the decoder divides by its scale: it gets the mean back
+        px = ((px.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        out += [Image.fromarray(a) for a in px]
+    return out
+
+
+def make_set(n: int, seed: int, degrade: bool = True, vae=None):
+    """n labelled renders (seeds disjoint from the models' training data: these start at 10**6 + seed * n),
+    blurred and noised if `degrade`; with `vae` (encoder, decoder), every other image is also passed through it."""
     rng = random.Random(seed)
     images, animals, scenes = [], [], []
     for i in range(n):
         scene, obj = sample_labels(rng)
-        im = toyworld.render(scene, obj, seed=10 ** 6 + seed * n + i)
-        images.append(toyworld.degrade(im, rng) if degrade else im)
+        images.append(toyworld.render(scene, obj, seed=10 ** 6 + seed * n + i))
         animals.append(ANIMALS.index(obj) if obj in toyworld.EXPERT_OBJECTS else 0)
         scenes.append(SCENES.index(scene) if scene else 0)
+    if vae is not None:
+        images[::2] = autoencode(images[::2], vae)
+    if degrade:
+        images = [toyworld.degrade(im, rng) for im in images]
     return to_tensor(images), torch.tensor(animals), torch.tensor(scenes)
 
 
-def train(n_images: int = 6000, steps: int = 1500, batch: int = 64, seed: int = 0, progress: bool = True) -> Judge:
+def train(n_images: int = 6000, steps: int = 1500, batch: int = 64, seed: int = 0, progress: bool = True,
+          vae=None) -> Judge:
+    """`vae`: the toy models' shared (encoder, decoder); half the training images pass through it, since every
+    generated picture is a decoded latent (the judge never sees what a UNet draws)."""
     torch.manual_seed(seed)
-    x, ya, ys = make_set(n_images, seed)
+    x, ya, ys = make_set(n_images, seed, vae=vae)
     judge = Judge()
     opt = torch.optim.AdamW(judge.parameters(), 2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
@@ -114,11 +135,11 @@ def train(n_images: int = 6000, steps: int = 1500, batch: int = 64, seed: int = 
 
 
 @torch.no_grad()
-def accuracy(judge: Judge, n: int = 1000, seed: int = 99) -> dict:
-    """Accuracy on fresh renders (other seeds than training), degraded as in training and clean."""
+def accuracy(judge: Judge, n: int = 1000, seed: int = 99, vae=None) -> dict:
+    """Accuracy on fresh renders (other seeds than training): clean, and degraded as in training."""
     out = {}
     for degrade in (False, True):
-        x, ya, ys = make_set(n, seed, degrade)
+        x, ya, ys = make_set(n, seed, degrade, vae if degrade else None)
         a, s = judge.eval()(x)
         tag = "degraded" if degrade else "clean"
         out[f"animal_{tag}"] = (a.argmax(1) == ya).float().mean().item()

@@ -6,8 +6,9 @@
 Stages, each seeded (the same machine and thread count reproduce the same files):
 1. render the two training sets with tools/toyworld.py: the expert's 16 animals on a studio background, the
    general model's 6 scenes alone or with one of 8 objects;
-2. one KL autoencoder (SD 1.x's VAE architecture, 8x downsampling, 4 latent channels) on both sets, its latent
-   scale factor set by LDM's rule (1 / the standard deviation of the training latents);
+2. one KL autoencoder (SD 1.x's VAE architecture, 8x downsampling, 4 latent channels) on crops of both sets, then
+   its decoder alone on whole images; the latent scale factor set by LDM's rule (1 / the standard deviation of
+   the training latents);
 3. for each model a UNet and a CLIP text encoder trained together with SD's objective: epsilon prediction on the
    scaled_linear schedule (betas 0.00085..0.012, 1000 steps), AdamW, 10% caption dropout (the unconditional
    caption is ""), an EMA of the weights (saved);
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -177,6 +177,38 @@ def train_vae(pixels: torch.Tensor, steps: int, batch: int = 16, crop: int = 64,
     return enc.eval(), dec.eval(), losses
 
 
+def finetune_decoder(enc: VAEEncoder, dec: VAEDecoder, pixels: torch.Tensor, steps: int, batch: int = 8,
+                     lr: float = 5e-4, seed: int = 0, progress: bool = True, log=None):
+    """Train the decoder alone on whole images, the encoder frozen: the crops of `train_vae` leave colours and the
+    image borders short of what whole pictures need. The latents (what the UNets learn) do not change, so this
+    stage is independent of the UNets'. It starts from the weights as saved (float16), so the decoder of a written
+    checkpoint can be refined after the fact with the same result. Returns (decoder, losses)."""
+    torch.manual_seed(seed)
+    enc, dec = rounded(enc).eval().requires_grad_(False), rounded(dec)
+    opt = torch.optim.AdamW(dec.parameters(), lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    bar = tqdm(range(steps), desc="decoder", disable=None if progress else True)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr, warmup=min(50, steps // 4 + 1))
+        x = pixels[torch.randint(0, len(pixels), (batch,), generator=gen)]
+        with torch.no_grad():
+            mean, logvar = enc(x)
+            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
+        rec = dec(z * dec.cfg.scale_factor)
+        loss = (rec - x).abs().mean() + (rec - x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if log and step % 100 == 0:
+            log(f"decoder step {step} loss {loss.item():.4f}")
+    return dec.eval(), losses
+
+
 @torch.no_grad()
 def encode(enc: VAEEncoder, pixels: torch.Tensor, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (mean, std) of the unscaled latent Gaussian for every image."""
@@ -244,6 +276,13 @@ def train_unet(mean, std, scale: float, ids: torch.Tensor, uncond: torch.Tensor,
     return ema.shadow[0].eval(), ema.shadow[1].eval(), losses
 
 
+def rounded(module):
+    """A copy of `module` with its weights rounded to float16 and back, as a checkpoint stores them."""
+    module = copy.deepcopy(module)
+    module.load_state_dict({k: v.half().float() for k, v in module.state_dict().items()})
+    return module
+
+
 def checkpoint_dict(unet, text, enc, dec, scale: float, dtype=torch.float16) -> dict:
     sd = {}
     for prefix, module in (("model.diffusion_model.", unet), ("cond_stage_model.transformer.", text),
@@ -265,6 +304,7 @@ def main(argv=None) -> int:
     p.add_argument("--per-animal", type=int, default=200, help="expert training images per animal")
     p.add_argument("--per-pair", type=int, default=60, help="general training images per (scene, object) pair")
     p.add_argument("--vae-steps", type=int, default=700)
+    p.add_argument("--decoder-steps", type=int, default=600, help="whole-image steps of the decoder alone")
     p.add_argument("--unet-steps", type=int, default=1800)
     p.add_argument("--judge-steps", type=int, default=1200)
     p.add_argument("--seed", type=int, default=0)
@@ -295,8 +335,11 @@ def main(argv=None) -> int:
               for k, v in items.items()}
     log(f"rendered {', '.join(f'{k}: {len(v)}' for k, v in pixels.items())}")
 
-    enc, dec, vae_losses = train_vae(torch.cat(list(pixels.values())), a.vae_steps, seed=a.seed, progress=progress,
-                                     log=log)
+    everything = torch.cat(list(pixels.values()))
+    enc, dec, vae_losses = train_vae(everything, a.vae_steps, seed=a.seed, progress=progress, log=log)
+    dec, dec_losses = finetune_decoder(enc, dec, everything, a.decoder_steps, seed=a.seed + 3, progress=progress,
+                                       log=log)
+    del everything
     latents = {k: encode(enc, v) for k, v in pixels.items()}
     all_z = torch.cat([m + s * torch.randn(m.shape, generator=torch.Generator().manual_seed(a.seed))
                        for m, s in latents.values()])
@@ -304,7 +347,8 @@ def main(argv=None) -> int:
     log(f"vae: final loss {np.mean(vae_losses[-50:]):.4f}, latent scale factor {scale:.5f}")
 
     uncond = tok([""])[0]
-    report = {"vae_loss": float(np.mean(vae_losses[-50:])), "scale_factor": scale}
+    report = {"vae_loss": float(np.mean(vae_losses[-50:])), "decoder_loss": float(np.mean(dec_losses[-50:])),
+              "scale_factor": scale}
     for i, name in enumerate(("expert", "general")):
         ids = caption_ids(tok, items[name])
         m, s = latents[name]
@@ -316,9 +360,10 @@ def main(argv=None) -> int:
         report[f"{name}_loss"] = float(np.mean(losses[-200:]))
         log(f"{name}: final loss(avg200) {report[f'{name}_loss']:.4f}; wrote {out / (name + '.safetensors')}")
 
-    judge = judge_mod.train(steps=a.judge_steps, seed=a.seed, progress=progress)
+    vae = (rounded(enc), rounded(dec))  # the VAE as the checkpoints hold it (float16)
+    judge = judge_mod.train(steps=a.judge_steps, seed=a.seed, progress=progress, vae=vae)
     judge_mod.save(judge, out / "judge.safetensors")
-    acc = judge_mod.accuracy(judge)
+    acc = judge_mod.accuracy(judge, vae=vae)
     log(f"judge accuracy on unseen renders: {acc}")
     log(f"done in {time.time() - t0:.0f} s: {report}")
     return 0

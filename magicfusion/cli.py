@@ -279,7 +279,8 @@ def run_demo(a) -> None:
     rows = demo.run(a.weights, progress=not a.quiet)
     items = [(out / "panel.png", demo.panel(rows), None)]
     for slug, row in zip(slugs, rows):
-        params = f"{row.prompt}\nExpert prompt: {row.expert_prompt}, Steps: 50, Sampler: DDIM, Seed: {demo.SEED}"
+        params = (f"{row.prompt}\nExpert prompt: {row.expert_prompt}, Steps: {demo.STEPS}, Sampler: DDIM, "
+                  f"Seed: {demo.SEED}")
         images = (row.general, row.expert, row.fused, mask_grid(row.masks, 2))
         items += [(out / slug / f"{n}.png", im, params) for n, im in zip(names, images)]
     try:

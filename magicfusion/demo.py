@@ -24,9 +24,12 @@ TOY = Path(__file__).resolve().parent.parent / "weights" / "toy"
 SIZE = 128
 # (general prompt, expert prompt): the expert is told only the animal, the general model the whole scene
 PROMPTS = [("a lion on the beach", "a lion"), ("a panda in the snow", "a panda"),
-           ("a frog in a meadow", "a frog"), ("an owl at night", "an owl"), ("a fox in the desert", "a fox"),
-           ("a penguin underwater", "a penguin")]
+           ("a frog in a meadow", "a frog"), ("an owl at night", "an owl")]
 SEED = 1
+STEPS = 20  # DDIM steps: the toy models are small, and the demo must take seconds on a CPU
+# SNB with the saliency of each model measured against its own unconditional prediction (the paper's text): in the
+# toy world it scores best of the measured settings (docs/toyworld.md)
+FUSION = dict(saliency_reference="own")
 
 
 @dataclass
@@ -96,8 +99,8 @@ def run(folder=None, prompts=PROMPTS, seed: int = SEED, progress: bool = True) -
     expert = load(e_path, tokenizer=tok)
     rows = []
     for prompt, expert_prompt in prompts:
-        common = dict(seed=seed, height=SIZE, width=SIZE, progress=progress)
-        result = fuse(general, expert, prompt, expert_prompt, **common)
+        common = dict(seed=seed, height=SIZE, width=SIZE, steps=STEPS, progress=progress)
+        result = fuse(general, expert, prompt, expert_prompt, **common, **FUSION)
         rows.append(Row(prompt, expert_prompt, generate(general, prompt, **common)[0],
                         generate(expert, expert_prompt, **common)[0], result.fused[0], result.masks))
     return rows

@@ -49,13 +49,14 @@ def test_render_is_deterministic_and_seeded():
 
 @needs_font
 def test_render_draws_what_it_says():
-    """The object is where the pixels differ from the empty scene, and it covers the promised share of the image."""
-    empty = np.asarray(toyworld.render("meadow", None, seed=5), dtype=np.int16)
-    lion = np.asarray(toyworld.render("meadow", "lion", seed=5), dtype=np.int16)
-    changed = (np.abs(lion - empty).sum(-1) > 30)
-    ys, xs = np.nonzero(changed)
-    side = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
-    assert 0.3 * toyworld.SIZE <= side <= 0.7 * toyworld.SIZE  # animals are drawn at 35-65% of the image
+    """On the light, nearly grey studio background the lion is every saturated or dark pixel, and its extent is the
+    promised share of the image."""
+    for seed in range(4):
+        img = np.asarray(toyworld.render(None, "lion", seed=seed), dtype=np.int16)
+        changed = (img.max(-1) - img.min(-1) > 60) | (img.mean(-1) < 150)
+        ys, xs = np.nonzero(changed)
+        side = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
+        assert 0.3 * toyworld.SIZE <= side <= 0.7 * toyworld.SIZE  # animals are drawn at 35-65% of the image
     studio = np.asarray(toyworld.render(None, None, seed=5), dtype=np.float32)
     assert studio.mean() > 200 and studio.std() < 15  # plain and light
 
@@ -76,13 +77,17 @@ def test_missing_font_is_one_clear_line(monkeypatch, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ training
 
-def test_tokenizer_spells_every_world_word_whole(tmp_path):
+def test_tokenizer_tells_every_world_word_apart(tmp_path):
     from tools.train_toy import world_words, write_tokenizer
     tok = write_tokenizer(tmp_path)
+    spelled = {}
     for word in world_words():
-        ids = tok([word])[0]
-        assert ids[2] == tok.eos_id, (word, ids[:4])  # bos, the word, eos
-    assert tok(["a lion on the beach"])[0][6] == tok.eos_id
+        ids = tok([word])[0].tolist()
+        body = ids[1:ids.index(tok.eos_id)]
+        assert 1 <= len(body) < len(word) or len(word) == 1, (word, body)  # merges, not only bytes
+        spelled[tuple(body)] = word
+    assert len(spelled) == len(world_words())
+    assert (TOY / "tokenizer" / "vocab.json").read_text() == (tmp_path / "vocab.json").read_text()  # shipped = rebuilt
 
 
 def test_vae_training_loss_falls():
@@ -90,7 +95,7 @@ def test_vae_training_loss_falls():
     gen = torch.Generator().manual_seed(0)
     smooth = torch.nn.functional.interpolate(torch.rand(8, 3, 8, 8, generator=gen), size=64, mode="bilinear") * 2 - 1
     _, _, losses = train_vae(smooth, steps=40, batch=4, crop=32, lr=2e-3, progress=False)
-    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    assert np.mean(losses[-5:]) < 0.85 * np.mean(losses[:5])
 
 
 def test_unet_training_loss_falls():

@@ -61,8 +61,9 @@ def world_words() -> list[str]:
 
 
 def write_tokenizer(folder) -> CLIPTokenizer:
-    """A CLIP-layout BPE vocabulary: CLIP's 512 byte symbols plus merges that spell each word of the world whole
-    (any other text still tokenizes, byte by byte). The same tokenizer serves both models."""
+    """A CLIP-layout BPE vocabulary: CLIP's 512 byte symbols plus, for each word of the world, the merges that
+    build it left to right (a word can still split where an earlier word's merge ranks first: "cat" is "c" +
+    "at"); any other text tokenizes byte by byte. The same tokenizer serves both models."""
     b2u = bytes_to_unicode()
     merges, seen = [], set()
     for word in world_words():

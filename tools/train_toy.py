@@ -117,6 +117,16 @@ def cosine_lr(step: int, steps: int, peak: float, warmup: int = 100) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def optimize(opt, loss: torch.Tensor, params: list, lr: float) -> None:
+    """One optimizer step at learning rate `lr`, the gradients clipped to norm 1."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def zero_init_outputs_(unet: UNetModel) -> None:
     """LDM starts every residual branch's last layer and the output convolution at zero."""
     with torch.no_grad():
@@ -155,8 +165,6 @@ def train_vae(pixels: torch.Tensor, steps: int, batch: int = 16, crop: int = 64,
     losses = []
     bar = tqdm(range(steps), desc="vae", disable=None if progress else True)
     for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, warmup=min(50, steps // 4 + 1))
         idx = torch.randint(0, len(pixels), (batch,), generator=gen)
         s = pixels.shape[-1]
         y0, x0 = (int(v) for v in torch.randint(0, s - crop + 1, (2,), generator=gen))
@@ -167,10 +175,7 @@ def train_vae(pixels: torch.Tensor, steps: int, batch: int = 16, crop: int = 64,
         rec = dec(z * VAE.scale_factor)
         kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).sum() / x.shape[0]
         loss = (rec - x).abs().mean() + (rec - x).square().mean() + kl_weight * kl
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimize(opt, loss, params, cosine_lr(step, steps, lr, warmup=min(50, steps // 4 + 1)))
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if log and step % 100 == 0:
@@ -191,18 +196,13 @@ def finetune_decoder(enc: VAEEncoder, dec: VAEDecoder, pixels: torch.Tensor, ste
     losses = []
     bar = tqdm(range(steps), desc="decoder", disable=None if progress else True)
     for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, warmup=min(50, steps // 4 + 1))
         x = pixels[torch.randint(0, len(pixels), (batch,), generator=gen)]
         with torch.no_grad():
             mean, logvar = enc(x)
             z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
         rec = dec(z * dec.cfg.scale_factor)
         loss = (rec - x).abs().mean() + (rec - x).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
-        opt.step()
+        optimize(opt, loss, list(dec.parameters()), cosine_lr(step, steps, lr, warmup=min(50, steps // 4 + 1)))
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if log and step % 100 == 0:
@@ -254,8 +254,6 @@ def train_unet(mean, std, scale: float, ids: torch.Tensor, uncond: torch.Tensor,
     losses = []
     bar = tqdm(range(steps), desc=name, disable=None if progress else True)
     for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr)
         idx = torch.randint(0, len(mean), (batch,), generator=gen)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
         variant = torch.randint(0, ids.shape[1], (batch,), generator=gen)
@@ -265,10 +263,7 @@ def train_unet(mean, std, scale: float, ids: torch.Tensor, uncond: torch.Tensor,
         t = torch.randint(0, 1000, (batch,), generator=gen)
         noise = torch.randn(z0.shape, generator=gen)
         loss = diffusion_loss(unet, text, z0, b_ids, t, noise)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimize(opt, loss, params, cosine_lr(step, steps, lr))
         ema.update()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")

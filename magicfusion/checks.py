@@ -147,7 +147,7 @@ def _common(args: dict, models: list, names: list) -> None:
     check_options(False, **opts)
     if args.get("graph") is not None and not isinstance(args["graph"], bool):
         raise InputError(f"graph must be True, False or None, got {type(args['graph']).__name__}")
-    for name in ("progress", "return_seed", "blur"):
+    for name in ("progress", "karras", "blur"):
         if name in args and not isinstance(args[name], bool):
             raise InputError(f"{name} must be True or False, got {type(args[name]).__name__}")
     check_models(models, names)

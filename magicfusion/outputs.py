@@ -20,6 +20,7 @@ import os
 import secrets
 import shutil
 import signal
+import threading
 import stat
 import tempfile
 from pathlib import Path
@@ -45,15 +46,25 @@ def raise_terminated(signum, frame):
 
 @contextlib.contextmanager
 def held_signals():
-    """SIGINT and SIGTERM wait (they are delivered on exit) while outputs are linked in or taken back."""
-    if not hasattr(signal, "pthread_sigmask"):
+    """SIGINT and SIGTERM wait (they are delivered on exit) while outputs are linked in or taken back. The handlers
+    are swapped for ones that only record the signal: a thread mask would not do, since another thread (a torch
+    worker) can take the signal and Python then runs its handler on the main thread anyway."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    pending = []
+    old = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in pending:
+            handler = old[s]
+            if callable(handler):
+                handler(s, None)
+            elif handler != signal.SIG_IGN:
+                signal.raise_signal(s)
 
 
 def check_writable(paths: list, overwrite: bool) -> None:

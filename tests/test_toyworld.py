@@ -174,16 +174,31 @@ def judged(shipped):
 
 
 def test_each_model_alone_draws_only_its_half(judged):
-    """docs/toyworld.md (20 DDIM steps, 192 images): the general model alone 0.5% animal / 89% scene, the expert
-    alone 94% animal / 0% scene."""
+    """docs/toyworld.md (DDIM 20, 192 images): the general model alone 1% animal / 68% scene, the expert alone 94%
+    animal / 0% scene; neither gets both."""
     general, expert = judged["general"].mean(0), judged["expert"].mean(0)
-    assert general[0] <= 0.15 and general[1] >= 0.6
+    assert general[0] <= 0.15 and general[1] >= 0.5
     assert expert[0] >= 0.6 and expert[1] <= 0.15
 
 
-def test_fusion_takes_the_animal_from_the_expert_and_some_scene_from_the_general(judged):
-    """docs/toyworld.md, SNB with the demo's options: 64% animal, 20% scene (13% both) over 192 images. Fusion
-    brings the expert's animal into a model that never drew one, and some of the scene the expert never draws."""
-    fused = judged["fused"].mean(0)
-    assert fused[0] >= 0.3 > judged["general"].mean(0)[0]
-    assert fused[1] > judged["expert"].mean(0)[1]
+def test_fusion_draws_the_experts_animal_in_the_general_models_scene(judged):
+    """docs/toyworld.md, SNB with the demo's options: 53% animal, 51% scene, 23% both over 192 images, where each
+    model alone gets both in at most 1%. Fusion brings the expert's animal into a model that never drew one, keeps
+    the scene the expert never draws, and makes images that have both."""
+    fused, general, expert = judged["fused"].mean(0), judged["general"].mean(0), judged["expert"].mean(0)
+    both = lambda v: (v[:, 0] * v[:, 1]).mean()  # noqa: E731
+    assert fused[0] >= 0.3 > general[0]
+    assert fused[1] >= 0.3 > expert[1]
+    assert both(judged["fused"]) >= 0.1 > max(both(judged["general"]), both(judged["expert"]))
+
+
+def test_eval_keeps_images_and_scores_them_again_without_sampling(shipped, tmp_path):
+    """`eval_toy.py --images DIR`: the first run writes each image losslessly, a later run reads the same pixels
+    back (so a second judge scores exactly what the first one saw) and never calls the models."""
+    from tools import eval_toy
+    general, expert, _ = shipped
+    first = eval_toy.sampled("expert alone", general, expert, "lion", "beach", 2, 2, tmp_path)
+    assert len(list((tmp_path / "expert alone").glob("*.png"))) == 2
+    again = eval_toy.sampled("expert alone", None, None, "lion", "beach", 2, 2, tmp_path)
+    assert [np.asarray(a).tolist() for a in first] == [np.asarray(b).tolist() for b in again]
+    assert not np.array_equal(np.asarray(first[0]), np.asarray(first[1]))  # two noises, two images

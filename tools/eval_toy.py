@@ -1,8 +1,8 @@
 """Measure MagicFusion's claims in the toy world: does the fused image hold the expert's animal in the general
 model's scene, and how do the paper's variants and baselines compare?
 
-    python tools/eval_toy.py                       # every setting, writes docs/toyworld.json and the example grid
-    python tools/eval_toy.py --settings snb average --seeds 1
+    python tools/eval_toy.py                   # every setting: docs/toyworld.json, the table, the example grid
+    python tools/eval_toy.py --settings "SNB (defaults)" "average" --seeds 1 --json /tmp/t.json --examples ""
 
 For each setting, every (animal, scene) pair of the toy world (16 x 6) is sampled from `--seeds` initial noises,
 and the judge (tools/judge.py, trained on render() ground truth only) names the animal and the scene of each
@@ -12,7 +12,8 @@ The general model is prompted with the whole scene ("a lion on the beach"), the 
 Settings: each model alone, SNB with the defaults (the authors' code: saliency against the general model's
 unconditional prediction, 4x4 blur, k = 1, SNB at every step), the plain average of the two noises (the paper's
 Fig. 9 baseline), no blur, the paper's own-unconditional saliency, the two windows of the authors' README, a
-kg/ke sweep and a guidance-scale sweep (the paper's open question 2).
+kg/ke sweep and a guidance-scale sweep (the paper's open question 2), and DPM++ 2M Karras at 20 steps against
+DDIM at 50. Unless a setting names its own steps, images are made with DDIM at `--steps` (20: the demo's).
 """
 from __future__ import annotations
 
@@ -54,7 +55,11 @@ SETTINGS = {
     "SNB guidance 5": ("fuse", {"guidance": 5.0}),
     "SNB guidance 10": ("fuse", {"guidance": 10.0}),
     "SNB, DPM++ 2M Karras 20 steps": ("fuse", {"sampler": "dpmpp-2m", "karras": True, "steps": 20}),
+    "SNB (defaults), DDIM 50 steps": ("fuse", {"steps": 50}),
+    "SNB, own-unconditional saliency, DDIM 50 steps": ("fuse", {"saliency_reference": "own", "steps": 50}),
 }
+EXAMPLES = [("lion", "beach"), ("panda", "snow"), ("frog", "meadow"), ("owl", "night"), ("fox", "desert"),
+            ("penguin", "underwater")]
 
 
 def grid():
@@ -77,13 +82,27 @@ def make_images(kind: str, kw: dict, general, expert, animal: str, scene: str, s
     return magicfusion.fuse(general, expert, prompt, expert_prompt, **common, **kw).fused
 
 
-def evaluate(setting: str, general, expert, judge, seeds: int, steps: int, progress: bool = True, keep=None) -> dict:
-    """Score one setting over the whole grid -> {"animal", "scene", "both", "n"} (shares in 0..1)."""
+def sampled(setting: str, general, expert, animal: str, scene: str, seeds: int, steps: int, folder) -> list:
+    """The setting's images of one pair; with `folder`, kept there as PNGs (lossless) and read back on a later run,
+    so another judge can score the same images without sampling them again."""
     kind, kw = SETTINGS[setting]
+    paths = [Path(folder) / setting / f"{animal}-{scene}-{i}.png" for i in range(seeds)] if folder else []
+    if paths and all(p.exists() for p in paths):
+        return [Image.open(p).convert("RGB") for p in paths]
+    images = make_images(kind, dict(kw), general, expert, animal, scene, EVAL_SEED, seeds, steps)
+    for im, p in zip(images, paths):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        im.save(p)
+    return images
+
+
+def evaluate(setting: str, general, expert, judge, seeds: int, steps: int, progress: bool = True,
+             folder=None) -> dict:
+    """Score one setting over the whole grid -> {"animal", "scene", "both", "n"} (shares in 0..1)."""
     hits = {"animal": 0, "scene": 0, "both": 0}
     n = 0
     for animal, scene in tqdm(grid(), desc=setting, disable=None if progress else True, leave=False):
-        images = make_images(kind, dict(kw), general, expert, animal, scene, EVAL_SEED, seeds, steps)
+        images = sampled(setting, general, expert, animal, scene, seeds, steps, folder)
         animals, scenes = judge_mod.predict(judge, images)
         for im, a, s in zip(images, animals, scenes):
             ok_a, ok_s = a == animal, s == scene
@@ -91,13 +110,19 @@ def evaluate(setting: str, general, expert, judge, seeds: int, steps: int, progr
             hits["scene"] += ok_s
             hits["both"] += ok_a and ok_s
             n += 1
-        if keep is not None and (animal, scene) in keep:
-            keep[(animal, scene)][setting] = images[0]
-    return {k: v / n for k, v in hits.items()} | {"n": n, "steps": kw.get("steps", steps)}
+    return {k: v / n for k, v in hits.items()} | {"n": n, "steps": SETTINGS[setting][1].get("steps", steps)}
 
 
-def example_grid(examples: dict, settings: list, path: Path, scale: int = 1) -> None:
-    """Rows: (animal, scene) pairs; columns: the ground-truth render, then one image per setting."""
+def example_grid(settings: list, general, expert, steps: int, path: Path, scale: int = 1) -> None:
+    """Rows: (animal, scene) pairs; columns: the ground-truth render, then one image per setting (the evaluation's
+    first image of that pair)."""
+    examples = {}
+    for animal, scene in EXAMPLES:
+        examples[animal, scene] = {}
+        for name in settings:
+            kind, kw = SETTINGS[name]
+            examples[animal, scene][name] = make_images(kind, dict(kw), general, expert, animal, scene, EVAL_SEED,
+                                                        1, steps)[0]
     tile, head, pad = SIZE * scale, 34, 4
     cols = ["render() ground truth", *settings]
     canvas = Image.new("RGB", (pad + len(cols) * (tile + pad), head + len(examples) * (tile + pad)), (250, 250, 250))
@@ -108,10 +133,9 @@ def example_grid(examples: dict, settings: list, path: Path, scale: int = 1) -> 
                             font=font)
     for r, ((animal, scene), images) in enumerate(examples.items()):
         y = head + r * (tile + pad)
-        row = [toyworld.render(scene, animal, seed=EVAL_SEED)] + [images.get(s) for s in settings]
+        row = [toyworld.render(scene, animal, seed=EVAL_SEED)] + [images[s] for s in settings]
         for c, im in enumerate(row):
-            if im is not None:
-                canvas.paste(im.resize((tile, tile), Image.NEAREST), (pad + c * (tile + pad), y))
+            canvas.paste(im.resize((tile, tile), Image.NEAREST), (pad + c * (tile + pad), y))
     canvas.save(path)
 
 
@@ -128,9 +152,15 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default=str(ROOT / "weights" / "toy"))
     p.add_argument("--settings", nargs="*", default=None, help="a subset of the settings, by name prefix")
     p.add_argument("--seeds", type=int, default=2, help="initial noises per (animal, scene) pair")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (a setting that names its own keeps them)")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps (a setting that names its own keeps them)")
     p.add_argument("--json", default=str(ROOT / "docs" / "toyworld.json"), help="results (merged into the file)")
-    p.add_argument("--examples", default=str(ROOT / "docs" / "toyworld-examples.png"))
+    p.add_argument("--examples", default=str(ROOT / "docs" / "toyworld-examples.png"),
+                   help="the example grid's path (\"\": none)")
+    p.add_argument("--example-settings", nargs="*", default=None,
+                   help="the grid's columns, by name prefix (default: the settings evaluated)")
+    p.add_argument("--images", default=None, help="keep every image in this folder (re-scored, not resampled, "
+                   "when run again with the same options)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     try:
@@ -144,16 +174,16 @@ def main(argv=None) -> int:
         print(f"eval_toy: error: no setting matches {a.settings}; known: {', '.join(SETTINGS)}", file=sys.stderr)
         return 2
     torch.set_grad_enabled(False)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     general = magicfusion.load(g_path, tokenizer=tok)
     expert = magicfusion.load(e_path, tokenizer=tok)
     judge = judge_mod.load(Path(a.weights) / "judge.safetensors")
     out = Path(a.json)
     results = json.loads(out.read_text()) if out.exists() else {}
-    keep = {pair: {} for pair in [("lion", "beach"), ("panda", "snow"), ("frog", "meadow"), ("owl", "night"),
-                                  ("fox", "desert"), ("penguin", "underwater")]}
     for setting in settings:
         t0 = time.time()
-        results[setting] = evaluate(setting, general, expert, judge, a.seeds, a.steps, not a.quiet, keep)
+        results[setting] = evaluate(setting, general, expert, judge, a.seeds, a.steps, not a.quiet, a.images)
         results[setting]["seconds"] = round(time.time() - t0, 1)
         out.write_text(json.dumps(results, indent=1))
         if not a.quiet:
@@ -162,7 +192,10 @@ def main(argv=None) -> int:
                   f"({r['n']} images, {r['seconds']} s)", file=sys.stderr)
     results["judge accuracy on unseen renders"] = judge_mod.accuracy(judge)
     out.write_text(json.dumps(results, indent=1))
-    example_grid(keep, settings, Path(a.examples))
+    if a.examples:
+        columns = settings if a.example_settings is None else \
+            [s for s in SETTINGS if any(s.startswith(x) for x in a.example_settings)]
+        example_grid(columns, general, expert, a.steps, Path(a.examples))
     print(markdown_table({k: v for k, v in results.items() if k in SETTINGS}))
     return 0
 

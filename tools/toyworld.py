@@ -191,25 +191,25 @@ DRAW = {"beach": _beach, "snow": _snow, "meadow": _meadow, "night": _night, "des
         "underwater": _underwater}
 
 
-def _place(canvas: Image.Image, char: str, rng: np.random.Generator, frac, ground: bool, sky: bool = False) -> None:
-    """Paste a glyph whose larger side is `frac` of the image at a random position (on the lower half if `ground`)."""
+def _place(canvas: Image.Image, char: str, rng: np.random.Generator, frac, sky: bool = False) -> None:
+    """Paste a glyph whose larger side is `frac` of the image at a random position (in the top 40% if `sky`)."""
     s = canvas.size[0]
     g = glyph(char)
     scale = rng.uniform(*frac) * s / max(g.size)
     w, h = max(1, round(g.size[0] * scale)), max(1, round(g.size[1] * scale))
     g = g.resize((w, h), Image.LANCZOS)
     x = int(rng.integers(0, s - w + 1))
-    y_low = int(0.45 * s) if ground else 0
-    y_high = int(0.4 * s) if sky else s - h
-    y = int(rng.integers(min(y_low, y_high), y_high + 1))
+    y_high = max(0, int(0.4 * s) - h // 2) if sky else s - h
+    y = int(rng.integers(0, y_high + 1))
     canvas.alpha_composite(g, (x, y))
 
 
 def render(scene: str | None = None, obj: str | None = None, seed: int = 0, size: int = SIZE) -> Image.Image:
     """Draw `obj` (an animal or a general object, by name) in `scene` (None: the studio background); RGB.
 
-    Animals are 35-65% of the image at a random position; general objects 25-45% (the sun high in the sky, others
-    on the ground). The same arguments give the same image."""
+    Animals and the general model's objects alike are 35-65% of the image at a random position (the sun 25-40%,
+    high in the sky), so the general model learns scenes with a large thing anywhere in front of them, as the
+    fused images hold one. The same arguments give the same image."""
     if scene is not None and scene not in DRAW:
         raise KeyError(f"unknown scene {scene!r}; known: {', '.join(SCENES)}")
     if obj is not None and obj not in EXPERT_OBJECTS and obj not in GENERAL_OBJECTS:
@@ -218,12 +218,10 @@ def render(scene: str | None = None, obj: str | None = None, seed: int = 0, size
     img = np.zeros((size, size, 3), dtype=np.float32)
     (DRAW[scene] if scene else _studio)(img, rng, size)
     canvas = Image.fromarray(img.round().astype(np.uint8)).convert("RGBA")
-    if obj in EXPERT_OBJECTS:
-        _place(canvas, EXPERT_OBJECTS[obj], rng, (0.35, 0.65), ground=False)
-    elif obj == "sun":
-        _place(canvas, GENERAL_OBJECTS[obj], rng, (0.2, 0.3), ground=False, sky=True)
+    if obj == "sun":
+        _place(canvas, GENERAL_OBJECTS[obj], rng, (0.25, 0.4), sky=True)
     elif obj is not None:
-        _place(canvas, GENERAL_OBJECTS[obj], rng, (0.25, 0.45), ground=True)
+        _place(canvas, {**EXPERT_OBJECTS, **GENERAL_OBJECTS}[obj], rng, (0.35, 0.65))
     return canvas.convert("RGB")
 
 
@@ -233,8 +231,11 @@ def hash_name(name: str | None) -> int:
 
 
 def degrade(image: Image.Image, rng: random.Random) -> Image.Image:
-    """Blur and noise like a small diffusion model's output, so the judge reads generated images too."""
+    """Blur, fade and noise like a small diffusion model's output (soft edges, washed-out colours), so the judge
+    reads generated images too: a scene drawn pale is still that scene, not the studio."""
     im = image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.5)))
-    a = np.asarray(im, dtype=np.float32) + np.random.default_rng(rng.randrange(2 ** 31)).normal(0, rng.uniform(0, 8),
-                                                                                               (*im.size[::-1], 3))
+    a = np.asarray(im, dtype=np.float32)
+    a = a + rng.uniform(0, 0.45) * (a.mean((0, 1)) - a)           # lower contrast: towards the mean colour
+    a = a + rng.uniform(0, 0.4) * (a.mean(2, keepdims=True) - a)  # lower saturation: towards grey
+    a = a + rng.uniform(-20, 25) + np.random.default_rng(rng.randrange(2 ** 31)).normal(0, rng.uniform(0, 8), a.shape)
     return Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8))

@@ -48,6 +48,8 @@ SETTINGS = {
     "SNB, own-unconditional saliency": ("fuse", {"saliency_reference": "own"}),
     "SNB 1000->600, general outside": ("fuse", {"fuse_from": 1000, "fuse_until": 600}),
     "SNB 850->-1, expert outside": ("fuse", {"fuse_from": 850, "fuse_until": -1, "outside": "expert"}),
+    "SNB 850->-1, expert outside, own-unconditional": ("fuse", {"fuse_from": 850, "fuse_until": -1,
+                                                               "outside": "expert", "saliency_reference": "own"}),
     "SNB kg=1, ke=0.5": ("fuse", {"ke": 0.5}),
     "SNB kg=1, ke=2": ("fuse", {"ke": 2.0}),
     "SNB kg=2, ke=1": ("fuse", {"kg": 2.0}),

@@ -115,16 +115,11 @@ def evaluate(setting: str, general, expert, judge, seeds: int, steps: int, progr
     return {k: v / n for k, v in hits.items()} | {"n": n, "steps": SETTINGS[setting][1].get("steps", steps)}
 
 
-def example_grid(settings: list, general, expert, steps: int, path: Path, scale: int = 1) -> None:
+def example_grid(settings: list, general, expert, seeds: int, steps: int, folder, path: Path, scale: int = 1) -> None:
     """Rows: (animal, scene) pairs; columns: the ground-truth render, then one image per setting (the evaluation's
-    first image of that pair)."""
-    examples = {}
-    for animal, scene in EXAMPLES:
-        examples[animal, scene] = {}
-        for name in settings:
-            kind, kw = SETTINGS[name]
-            examples[animal, scene][name] = make_images(kind, dict(kw), general, expert, animal, scene, EVAL_SEED,
-                                                        1, steps)[0]
+    first image of that pair, read back from `folder` when the evaluation kept it there)."""
+    examples = {pair: {name: sampled(name, general, expert, *pair, seeds, steps, folder)[0] for name in settings}
+                for pair in EXAMPLES}
     tile, head, pad = SIZE * scale, 34, 4
     cols = ["render() ground truth", *settings]
     canvas = Image.new("RGB", (pad + len(cols) * (tile + pad), head + len(examples) * (tile + pad)), (250, 250, 250))
@@ -145,7 +140,7 @@ def markdown_table(results: dict) -> str:
     lines = ["| setting | animal right | scene right | both right | images | steps |", "|---|---|---|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['animal']:.0%} | {r['scene']:.0%} | **{r['both']:.0%}** | {r['n']} | "
-                     f"{r.get('steps', 50)} |")
+                     f"{r['steps']} |")
     return "\n".join(lines)
 
 
@@ -197,7 +192,7 @@ def main(argv=None) -> int:
     if a.examples:
         columns = settings if a.example_settings is None else \
             [s for s in SETTINGS if any(s.startswith(x) for x in a.example_settings)]
-        example_grid(columns, general, expert, a.steps, Path(a.examples))
+        example_grid(columns, general, expert, a.seeds, a.steps, a.images, Path(a.examples))
     print(markdown_table({k: v for k, v in results.items() if k in SETTINGS}))
     return 0
 

@@ -30,6 +30,7 @@ EXPERT_OBJECTS = {"lion": "🦁", "tiger": "🐯", "cat": "🐱", "dog": "🐶",
                   "monkey": "🐵", "koala": "🐨"}
 GENERAL_OBJECTS = {"house": "🏠", "tree": "🌳", "car": "🚗", "ball": "⚽", "sailboat": "⛵", "flower": "🌸",
                    "umbrella": "☂", "sun": "☀"}
+OBJECTS = {**EXPERT_OBJECTS, **GENERAL_OBJECTS}  # everything render() can draw, by name
 # scene name -> (how a caption names it alone, the phrase that places something in it)
 SCENES = {"beach": ("a beach", "on the beach"), "snow": ("a snowy field", "in the snow"),
           "meadow": ("a meadow", "in a meadow"), "night": ("a starry night", "at night"),
@@ -212,7 +213,7 @@ def render(scene: str | None = None, obj: str | None = None, seed: int = 0, size
     fused images hold one. The same arguments give the same image."""
     if scene is not None and scene not in DRAW:
         raise KeyError(f"unknown scene {scene!r}; known: {', '.join(SCENES)}")
-    if obj is not None and obj not in EXPERT_OBJECTS and obj not in GENERAL_OBJECTS:
+    if obj is not None and obj not in OBJECTS:
         raise KeyError(f"unknown object {obj!r}")
     rng = np.random.default_rng([seed, hash_name(scene), hash_name(obj)])
     img = np.zeros((size, size, 3), dtype=np.float32)
@@ -221,7 +222,7 @@ def render(scene: str | None = None, obj: str | None = None, seed: int = 0, size
     if obj == "sun":
         _place(canvas, GENERAL_OBJECTS[obj], rng, (0.25, 0.4), sky=True)
     elif obj is not None:
-        _place(canvas, {**EXPERT_OBJECTS, **GENERAL_OBJECTS}[obj], rng, (0.35, 0.65))
+        _place(canvas, OBJECTS[obj], rng, (0.35, 0.65))
     return canvas.convert("RGB")
 
 

@@ -115,6 +115,83 @@ def test_unet_training_loss_falls():
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
 
+def _tiny_unet_data():
+    gen = torch.Generator().manual_seed(0)
+    mean = torch.randn(16, 4, 8, 8, generator=gen).sign()
+    return mean, torch.full_like(mean, 0.05), torch.randint(0, 50, (16, 2, 77), generator=gen), \
+        torch.zeros(77, dtype=torch.long)
+
+
+def test_frozen_text_encoder_stays_at_its_initialisation():
+    """--frozen-text: the UNet trains, the text encoder keeps the seeded random weights it started with."""
+    from tools.train_toy import train_unet
+    mean, std, ids, uncond = _tiny_unet_data()
+    kw = dict(vocab_size=64, batch=4, lr=2e-3, progress=False, seed=3)
+    start_u, start_t, _ = train_unet(mean, std, 1.0, ids, uncond, steps=0, **kw)
+    frozen_u, frozen_t, _ = train_unet(mean, std, 1.0, ids, uncond, steps=5, train_text=False, **kw)
+    trained_u, trained_t, _ = train_unet(mean, std, 1.0, ids, uncond, steps=5, **kw)
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert same(frozen_t, start_t) and not same(trained_t, start_t)
+    assert not same(frozen_u, start_u)
+
+
+def test_training_can_start_from_a_written_checkpoint(tmp_path):
+    """--init-from / --vae-from read back exactly what checkpoint_dict wrote (float16), by LDM key prefix."""
+    from tools.train_toy import (VAE, VAEDecoder, VAEEncoder, checkpoint_dict, load_unet_text, load_vae, rounded,
+                                 train_unet, write_atomic)
+    mean, std, ids, uncond = _tiny_unet_data()
+    torch.manual_seed(0)
+    unet, text, _ = train_unet(mean, std, 1.0, ids, uncond, vocab_size=64, steps=0, progress=False, seed=5)
+    enc, dec = VAEEncoder(VAE), VAEDecoder(VAE)
+    write_atomic(checkpoint_dict(unet, text, enc, dec, 0.25), tmp_path / "m.safetensors", {})
+    u2, t2 = load_unet_text(tmp_path / "m.safetensors", vocab_size=64)
+    e2, d2, scale = load_vae(tmp_path / "m.safetensors")
+    assert scale == 0.25
+    for a, b in ((unet, u2), (text, t2), (enc, e2), (dec, d2)):
+        ref = rounded(a).state_dict()
+        assert all(torch.equal(ref[k], v) for k, v in b.state_dict().items())
+    # a fine-tune with a zero learning rate returns its starting point, not a fresh initialisation
+    tuned_u, _, _ = train_unet(mean, std, 1.0, ids, uncond, vocab_size=64, steps=2, lr=0.0, progress=False,
+                               seed=6, init=(u2, t2))
+    assert all(torch.equal(x, y) for x, y in zip(tuned_u.state_dict().values(), u2.state_dict().values()))
+
+
+def test_train_toy_refuses_a_device_it_does_not_have(tmp_path, capsys):
+    from tools import train_toy
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal cannot be seen here")
+    assert train_toy.main(["--device", "cuda", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device cpu" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args", [["--vae-from", "missing.safetensors"], ["--init-from", "README.md"],
+                                  ["--vae-from", str(TOY / "judge.safetensors")],
+                                  ["--models", "expert"]])
+def test_train_toy_refuses_bad_starting_points_before_writing(args, tmp_path, capsys):
+    from tools import train_toy
+    assert train_toy.main([*args, "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train_toy: error: ")
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_prompts_each_model_as_the_setting_says(monkeypatch):
+    """The general model gets the sentence, or only its scene's caption in the "general prompted with its scene"
+    rows; the expert always gets its animal."""
+    from tools import eval_toy
+    seen = []
+    monkeypatch.setattr(magicfusion, "fuse", lambda g, e, p, ep, **kw: seen.append((p, ep, kw)) or
+                        type("R", (), {"fused": []})())
+    kind, kw = eval_toy.SETTINGS["SNB, own-unconditional, general prompted with its scene"]
+    eval_toy.make_images(kind, dict(kw), None, None, "lion", "beach", 0, 1, 2)
+    kind, kw = eval_toy.SETTINGS["SNB (defaults)"]
+    eval_toy.make_images(kind, dict(kw), None, None, "lion", "beach", 0, 1, 2)
+    assert [(p, ep) for p, ep, _ in seen] == [("a beach", "a lion"), ("a lion on the beach", "a lion")]
+    assert all("general_prompt" not in kw for *_, kw in seen)
+
+
 # ------------------------------------------------------------------------------------------------ shipped models
 
 @pytest.fixture(scope="module")
@@ -174,7 +251,7 @@ def judged(shipped):
 
 
 def test_each_model_alone_draws_only_its_half(judged):
-    """docs/toyworld.md (DDIM 20, 192 images): the general model alone 1% animal / 68% scene, the expert alone 94%
+    """docs/toyworld.md (DDIM 20, 192 images): the general model alone 1% animal / 68% scene, the expert alone 100%
     animal / 0% scene; neither gets both."""
     general, expert = judged["general"].mean(0), judged["expert"].mean(0)
     assert general[0] <= 0.15 and general[1] >= 0.5
@@ -182,14 +259,15 @@ def test_each_model_alone_draws_only_its_half(judged):
 
 
 def test_fusion_draws_the_experts_animal_in_the_general_models_scene(judged):
-    """docs/toyworld.md, SNB with the demo's options: 53% animal, 51% scene, 23% both over 192 images, where each
-    model alone gets both in at most 1%. Fusion brings the expert's animal into a model that never drew one, keeps
+    """docs/toyworld.md, SNB with the demo's options (850 -> -1 window, expert outside, own-unconditional saliency,
+    ke = 2): 69% animal, 62% scene, 43% both over 192 images, where each model alone gets both in at most 1%. Fusion brings the expert's animal into a model that never drew one, keeps
     the scene the expert never draws, and makes images that have both."""
     fused, general, expert = judged["fused"].mean(0), judged["general"].mean(0), judged["expert"].mean(0)
     both = lambda v: (v[:, 0] * v[:, 1]).mean()  # noqa: E731
-    assert fused[0] >= 0.3 > general[0]
-    assert fused[1] >= 0.3 > expert[1]
-    assert both(judged["fused"]) >= 0.1 > max(both(judged["general"]), both(judged["expert"]))
+    # thresholds: the evaluation's rates less about 20 points, for 16 images (these cases gave 75% / 75% / 50%)
+    assert fused[0] >= 0.45 > general[0]
+    assert fused[1] >= 0.4 > expert[1]
+    assert both(judged["fused"]) >= 0.25 > max(both(judged["general"]), both(judged["expert"]))
 
 
 def test_eval_keeps_images_and_scores_them_again_without_sampling(shipped, tmp_path):

@@ -7,13 +7,16 @@ model's scene, and how do the paper's variants and baselines compare?
 For each setting, every (animal, scene) pair of the toy world (16 x 6) is sampled from `--seeds` initial noises,
 and the judge (tools/judge.py, trained on render() ground truth only) names the animal and the scene of each
 image. Reported per setting: the share of images whose animal is right, whose scene is right, and both.
-The general model is prompted with the whole scene ("a lion on the beach"), the expert with its animal ("a lion").
+The general model is prompted with the whole scene ("a lion on the beach"), the expert with its animal ("a lion");
+the rows "general prompted with its scene" give the general model only its scene's caption ("a beach"), since
+each model of a fusion has a prompt of its own.
 
 Settings: each model alone, SNB with the defaults (the authors' code: saliency against the general model's
 unconditional prediction, 4x4 blur, k = 1, SNB at every step), the plain average of the two noises (the paper's
 Fig. 9 baseline), no blur, the paper's own-unconditional saliency, the two windows of the authors' README, a
 kg/ke sweep and a guidance-scale sweep (the paper's open question 2), and DPM++ 2M Karras at 20 steps against
-DDIM at 50. Unless a setting names its own steps, images are made with DDIM at `--steps` (20: the demo's).
+DDIM at 50; then the best window with a sharper expert softmax or guidance 5, and the general model prompted with
+its scene alone. Unless a setting names its own steps, images are made with DDIM at `--steps` (20: the demo's).
 """
 from __future__ import annotations
 
@@ -50,6 +53,16 @@ SETTINGS = {
     "SNB 850->-1, expert outside": ("fuse", {"fuse_from": 850, "fuse_until": -1, "outside": "expert"}),
     "SNB 850->-1, expert outside, own-unconditional": ("fuse", {"fuse_from": 850, "fuse_until": -1,
                                                                "outside": "expert", "saliency_reference": "own"}),
+    "SNB 850->-1, expert outside, own-unconditional, ke=2": ("fuse", {"fuse_from": 850, "fuse_until": -1,
+                                                                     "outside": "expert", "saliency_reference": "own",
+                                                                     "ke": 2.0}),
+    "SNB 850->-1, expert outside, own-unconditional, guidance 5": ("fuse", {
+        "fuse_from": 850, "fuse_until": -1, "outside": "expert", "saliency_reference": "own", "guidance": 5.0}),
+    "SNB, own-unconditional, general prompted with its scene": ("fuse", {"saliency_reference": "own",
+                                                                         "general_prompt": "scene"}),
+    "SNB 850->-1, expert outside, own-unconditional, general prompted with its scene": (
+        "fuse", {"fuse_from": 850, "fuse_until": -1, "outside": "expert", "saliency_reference": "own",
+                 "general_prompt": "scene"}),
     "SNB kg=1, ke=0.5": ("fuse", {"ke": 0.5}),
     "SNB kg=1, ke=2": ("fuse", {"ke": 2.0}),
     "SNB kg=2, ke=1": ("fuse", {"kg": 2.0}),
@@ -71,7 +84,9 @@ def grid():
 
 def make_images(kind: str, kw: dict, general, expert, animal: str, scene: str, seed: int, batch: int,
                 steps: int) -> list:
-    prompt = toyworld.fusion_prompt(scene, animal)
+    # the general model's prompt: the whole sentence, or (general_prompt="scene") only the words it was trained on
+    prompt = toyworld.SCENES[scene][0] if kw.pop("general_prompt", None) == "scene" else \
+        toyworld.fusion_prompt(scene, animal)
     expert_prompt = f"{toyworld._article(animal)} {animal}"
     common = dict(seed=seed, height=SIZE, width=SIZE, batch=batch, progress=False, steps=steps)
     for name in ("guidance", "sampler", "karras", "steps"):  # sampling options every kind takes
@@ -147,7 +162,8 @@ def markdown_table(results: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--weights", default=str(ROOT / "weights" / "toy"))
-    p.add_argument("--settings", nargs="*", default=None, help="a subset of the settings, by name prefix")
+    p.add_argument("--settings", nargs="*", default=None, help="a subset of the settings, by name prefix, "
+                   "evaluated in the order named")
     p.add_argument("--seeds", type=int, default=2, help="initial noises per (animal, scene) pair")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (a setting that names its own keeps them)")
     p.add_argument("--json", default=str(ROOT / "docs" / "toyworld.json"), help="results (merged into the file)")
@@ -158,6 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", default=None, help="keep every image in this folder (re-scored, not resampled, "
                    "when run again with the same options)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    p.add_argument("--device", default="cpu", help="where the models sample: cpu or cuda (default: cpu)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     try:
@@ -166,15 +183,21 @@ def main(argv=None) -> int:
     except (toyworld.FontMissing, magicfusion.InputError) as e:
         print(f"eval_toy: error: {e}", file=sys.stderr)
         return 2
-    settings = [s for s in SETTINGS if a.settings is None or any(s.startswith(x) for x in a.settings)]
+    # in the order named: each prefix's matches in table order, once each ("" matches every setting)
+    settings = list(SETTINGS) if a.settings is None else \
+        list(dict.fromkeys(s for x in a.settings for s in SETTINGS if s.startswith(x)))
     if not settings:
         print(f"eval_toy: error: no setting matches {a.settings}; known: {', '.join(SETTINGS)}", file=sys.stderr)
         return 2
     torch.set_grad_enabled(False)
     if a.threads:
         torch.set_num_threads(a.threads)
-    general = magicfusion.load(g_path, tokenizer=tok)
-    expert = magicfusion.load(e_path, tokenizer=tok)
+    try:
+        general = magicfusion.load(g_path, tokenizer=tok, device=a.device)
+        expert = magicfusion.load(e_path, tokenizer=tok, device=a.device)
+    except magicfusion.InputError as e:
+        print(f"eval_toy: error: {e}", file=sys.stderr)
+        return 2
     judge = judge_mod.load(Path(a.weights) / "judge.safetensors")
     out = Path(a.json)
     results = json.loads(out.read_text()) if out.exists() else {}

@@ -81,12 +81,13 @@ def sample_labels(rng: random.Random) -> tuple:
 def autoencode(images: list, vae, batch: int = 64) -> list:
     """Pass images through an (encoder, decoder) pair: what any picture looks like once it is a latent."""
     enc, dec = vae
+    device = next(enc.parameters()).device
     out = []
     for i in range(0, len(images), batch):
         x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images[i:i + batch]]))
-        mean, _ = enc(x.permute(0, 3, 1, 2) / 127.5 - 1)
+        mean, _ = enc(x.permute(0, 3, 1, 2).to(device) / 127.5 - 1)
         px = dec(mean * dec.cfg.scale_factor)  # the decoder divides by its scale: it gets the mean back
-        px = ((px.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        px = ((px.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         out += [Image.fromarray(a) for a in px]
     return out
 
@@ -109,12 +110,12 @@ def make_set(n: int, seed: int, degrade: bool = True, vae=None):
 
 
 def train(n_images: int = 6000, steps: int = 1500, batch: int = 64, seed: int = 0, progress: bool = True,
-          vae=None) -> Judge:
+          vae=None, device="cpu") -> Judge:
     """`vae`: the toy models' shared (encoder, decoder); half the training images pass through it, since every
-    generated picture is a decoded latent (the judge never sees what a UNet draws)."""
+    generated picture is a decoded latent (the judge never sees what a UNet draws). Returns the judge on the CPU."""
     torch.manual_seed(seed)
     x, ya, ys = make_set(n_images, seed, vae=vae)
-    judge = Judge()
+    judge = Judge().to(device)
     opt = torch.optim.AdamW(judge.parameters(), 2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
     gen = torch.Generator().manual_seed(seed)
@@ -123,15 +124,15 @@ def train(n_images: int = 6000, steps: int = 1500, batch: int = 64, seed: int = 
         idx = torch.randint(0, len(x), (batch,), generator=gen)
         xb = x[idx]
         flip = torch.rand(batch, generator=gen) < 0.5
-        xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)
+        xb = torch.where(flip[:, None, None, None], xb.flip(3), xb).to(device)
         la, ls = judge(xb)
-        loss = F.cross_entropy(la, ya[idx]) + F.cross_entropy(ls, ys[idx])
+        loss = F.cross_entropy(la, ya[idx].to(device)) + F.cross_entropy(ls, ys[idx].to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    return judge.eval()
+    return judge.cpu().eval()
 
 
 @torch.no_grad()

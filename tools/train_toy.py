@@ -1,9 +1,14 @@
-"""Train the toy world's two Stable Diffusion 1.x models (and the judge) from scratch on a CPU.
+"""Train the toy world's two Stable Diffusion 1.x models (and the judge) from scratch, on a CPU or a CUDA GPU.
 
     python tools/train_toy.py                 # writes weights/toy/{general,expert}.safetensors, tokenizer/, judge
     python tools/train_toy.py --quiet --out /tmp/toy
+    python tools/train_toy.py --device cuda --out /tmp/toy          # the same draws; GPU kernels, other rounding
+    python tools/train_toy.py --vae-from weights/toy/general.safetensors --models general --judge-steps 0 \
+        --frozen-text general --out /tmp/g                          # one model again, on the shipped VAE
 
-Stages, each seeded (the same machine and thread count reproduce the same files):
+Stages, each seeded (on the CPU, the same machine and thread count reproduce the same files; every random draw
+comes from CPU generators, so a GPU run sees the same batches and noise, but its nondeterministic kernels make
+its weights differ from run to run):
 1. render the two training sets with tools/toyworld.py: the expert's 16 animals on a studio background, the
    general model's 6 scenes alone or with one of 8 objects;
 2. one KL autoencoder (SD 1.x's VAE architecture, 8x downsampling, 4 latent channels) on crops of both sets, then
@@ -11,8 +16,15 @@ Stages, each seeded (the same machine and thread count reproduce the same files)
    the training latents);
 3. for each model a UNet and a CLIP text encoder trained together with SD's objective: epsilon prediction on the
    scaled_linear schedule (betas 0.00085..0.012, 1000 steps), AdamW, 10% caption dropout (the unconditional
-   caption is ""), an EMA of the weights (saved);
+   caption is ""), an EMA of the weights (saved): first the general model from scratch, then the expert
+   fine-tuned from it (the general model's file as written, on the studio animals alone), as DreamBooth and
+   other SD experts are fine-tunes of SD;
 4. the judge (tools/judge.py) on render() ground truth.
+
+Options for recipe experiments: `--frozen-text` keeps text encoders at their random initialisation,
+`--expert-from-scratch` trains the expert from a fresh start instead of fine-tuning it from the general model,
+`--init-from` starts the UNets from a written checkpoint, `--vae-from` skips stages 1-2 and takes a written
+checkpoint's VAE and scale factor, `--models` trains only some UNets, `--judge-steps 0` skips stage 4.
 
 The checkpoints are LDM single files (`model.diffusion_model.*`, `cond_stage_model.transformer.*`,
 `first_stage_model.*` with the encoder, and the `scale_factor` LDM stores when it computes the scale from data),
@@ -30,7 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tools.*` when run as a script
@@ -117,6 +130,11 @@ def cosine_lr(step: int, steps: int, peak: float, warmup: int = 100) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def cpu_randn(shape, gen: torch.Generator, device) -> torch.Tensor:
+    """Standard normal noise drawn from the CPU generator `gen`, then moved: the same draws on every device."""
+    return torch.randn(shape, generator=gen).to(device)
+
+
 def optimize(opt, loss: torch.Tensor, params: list, lr: float) -> None:
     """One optimizer step at learning rate `lr`, the gradients clipped to norm 1."""
     for g in opt.param_groups:
@@ -148,17 +166,16 @@ class EMA:
         self.n += 1
         d = min(self.decay, (1 + self.n) / (10 + self.n))
         for m, s in zip(self.modules, self.shadow):
-            for p, q in zip(m.parameters(), s.parameters()):
-                q.lerp_(p, 1 - d)
+            torch._foreach_lerp_(list(s.parameters()), list(m.parameters()), 1 - d)
 
 
 def train_vae(pixels: torch.Tensor, steps: int, batch: int = 16, crop: int = 64, lr: float = 1e-3, seed: int = 0,
-              kl_weight: float = 1e-6, progress: bool = True, log=None):
+              kl_weight: float = 1e-6, progress: bool = True, log=None, device="cpu"):
     """Fit an encoder/decoder pair on random crops (the VAE is convolutional: crops train it for any size).
     Loss: L1 + L2 reconstruction plus a small KL term, as LDM's KL autoencoders use (without their GAN and
     perceptual terms, which a toy does not need). Returns (encoder, decoder, losses)."""
     torch.manual_seed(seed)
-    enc, dec = VAEEncoder(VAE), VAEDecoder(VAE)
+    enc, dec = VAEEncoder(VAE).to(device), VAEDecoder(VAE).to(device)
     params = [*enc.parameters(), *dec.parameters()]
     opt = torch.optim.AdamW(params, lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
@@ -168,9 +185,9 @@ def train_vae(pixels: torch.Tensor, steps: int, batch: int = 16, crop: int = 64,
         idx = torch.randint(0, len(pixels), (batch,), generator=gen)
         s = pixels.shape[-1]
         y0, x0 = (int(v) for v in torch.randint(0, s - crop + 1, (2,), generator=gen))
-        x = pixels[idx, :, y0:y0 + crop, x0:x0 + crop]
+        x = pixels[idx, :, y0:y0 + crop, x0:x0 + crop].to(device)
         mean, logvar = enc(x)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
+        z = mean + torch.exp(0.5 * logvar) * cpu_randn(mean.shape, gen, device)
         # the decoder divides by scale_factor; feed it z * scale_factor so training sees the unscaled latent
         rec = dec(z * VAE.scale_factor)
         kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).sum() / x.shape[0]
@@ -184,7 +201,7 @@ def train_vae(pixels: torch.Tensor, steps: int, batch: int = 16, crop: int = 64,
 
 
 def finetune_decoder(enc: VAEEncoder, dec: VAEDecoder, pixels: torch.Tensor, steps: int, batch: int = 8,
-                     lr: float = 5e-4, seed: int = 0, progress: bool = True, log=None):
+                     lr: float = 5e-4, seed: int = 0, progress: bool = True, log=None, device="cpu"):
     """Train the decoder alone on whole images, the encoder frozen: the crops of `train_vae` leave colours and the
     image borders short of what whole pictures need. The latents (what the UNets learn) do not change, so this
     stage is independent of the UNets'. It starts from the weights as saved (float16), so the decoder of a written
@@ -196,10 +213,10 @@ def finetune_decoder(enc: VAEEncoder, dec: VAEDecoder, pixels: torch.Tensor, ste
     losses = []
     bar = tqdm(range(steps), desc="decoder", disable=None if progress else True)
     for step in bar:
-        x = pixels[torch.randint(0, len(pixels), (batch,), generator=gen)]
+        x = pixels[torch.randint(0, len(pixels), (batch,), generator=gen)].to(device)
         with torch.no_grad():
             mean, logvar = enc(x)
-            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
+            z = mean + torch.exp(0.5 * logvar) * cpu_randn(mean.shape, gen, device)
         rec = dec(z * dec.cfg.scale_factor)
         loss = (rec - x).abs().mean() + (rec - x).square().mean()
         optimize(opt, loss, list(dec.parameters()), cosine_lr(step, steps, lr, warmup=min(50, steps // 4 + 1)))
@@ -214,10 +231,11 @@ def finetune_decoder(enc: VAEEncoder, dec: VAEDecoder, pixels: torch.Tensor, ste
 def encode(enc: VAEEncoder, pixels: torch.Tensor, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (mean, std) of the unscaled latent Gaussian for every image."""
     means, stds = [], []
+    device = next(enc.parameters()).device
     for x in pixels.split(batch):
-        m, lv = enc(x)
-        means.append(m)
-        stds.append(torch.exp(0.5 * lv))
+        m, lv = enc(x.to(device))
+        means.append(m.cpu())
+        stds.append(torch.exp(0.5 * lv).cpu())
     return torch.cat(means), torch.cat(stds)
 
 
@@ -230,15 +248,17 @@ def caption_ids(tok: CLIPTokenizer, items) -> torch.Tensor:
 
 def diffusion_loss(unet, text, z0, ids, t, noise) -> torch.Tensor:
     """SD's objective: || eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t, text) ||^2."""
-    abar = alphas_cumprod()[t][:, None, None, None]
+    abar = alphas_cumprod().to(z0.device)[t][:, None, None, None]
     x_t = abar.sqrt() * z0 + (1 - abar).sqrt() * noise
     return F.mse_loss(unet(x_t, t, text(ids)), noise)
 
 
 def train_unet(mean, std, scale: float, ids: torch.Tensor, uncond: torch.Tensor, vocab_size: int, steps: int,
                batch: int = 32, lr: float = 6e-4, seed: int = 0, dropout: float = 0.1, ema_decay: float = 0.998,
-               name: str = "unet", progress: bool = True, log=None, train_text: bool = True):
-    """Train a UNet with its own text encoder; returns (EMA unet, EMA text encoder, losses)."""
+               name: str = "unet", progress: bool = True, log=None, train_text: bool = True, init=None,
+               device="cpu"):
+    """Train a UNet with its own text encoder; returns (EMA unet, EMA text encoder, losses), on the CPU.
+    `init`: a (unet, text encoder) pair to start from (fine-tuning) instead of a fresh initialisation."""
     torch.manual_seed(seed)
     unet = UNetModel(UNET)
     zero_init_outputs_(unet)
@@ -246,6 +266,10 @@ def train_unet(mean, std, scale: float, ids: torch.Tensor, uncond: torch.Tensor,
     with torch.no_grad():
         text.text_model.embeddings.token_embedding.weight.normal_(0, 0.02)
         text.text_model.embeddings.position_embedding.weight.normal_(0, 0.01)
+    if init is not None:
+        unet.load_state_dict(init[0].state_dict(), strict=True)
+        text.load_state_dict(init[1].state_dict(), strict=True)
+    unet, text = unet.to(device), text.to(device)
     text.requires_grad_(train_text)
     params = [*unet.parameters(), *(text.parameters() if train_text else [])]
     opt = torch.optim.AdamW(params, lr, weight_decay=0.01)
@@ -262,6 +286,8 @@ def train_unet(mean, std, scale: float, ids: torch.Tensor, uncond: torch.Tensor,
         b_ids = torch.where(drop[:, None], uncond[None], b_ids)
         t = torch.randint(0, 1000, (batch,), generator=gen)
         noise = torch.randn(z0.shape, generator=gen)
+        # every random draw comes from the CPU generator, so a GPU run sees the same batches and noise
+        z0, b_ids, t, noise = (v.to(device) for v in (z0, b_ids, t, noise))
         loss = diffusion_loss(unet, text, z0, b_ids, t, noise)
         optimize(opt, loss, params, cosine_lr(step, steps, lr))
         ema.update()
@@ -269,7 +295,37 @@ def train_unet(mean, std, scale: float, ids: torch.Tensor, uncond: torch.Tensor,
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if log and step % 200 == 0:
             log(f"{name} step {step} loss(avg50) {np.mean(losses[-50:]):.4f}")
-    return ema.shadow[0].eval(), ema.shadow[1].eval(), losses
+    return ema.shadow[0].cpu().eval(), ema.shadow[1].cpu().eval(), losses
+
+
+def checkpoint_has(path, prefixes) -> bool:
+    """Whether `path` is a safetensors file with keys under every one of `prefixes` (read from its header only)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except Exception:  # missing, unreadable, or not safetensors: safetensors raises several kinds
+        return False
+    return all(any(k.startswith(p) for k in keys) for p in prefixes)
+
+
+def load_vae(path) -> tuple:
+    """(encoder, decoder, latent scale factor) of a checkpoint this script wrote."""
+    sd = load_file(str(path))
+    vae = {k.removeprefix("first_stage_model."): v.float() for k, v in sd.items() if k.startswith("first_stage_model.")}
+    enc, dec = VAEEncoder(VAE), VAEDecoder(VAE)
+    for m in (enc, dec):
+        m.load_state_dict({k: vae[k] for k in m.state_dict()}, strict=True)
+    return enc.eval(), dec.eval(), float(sd["scale_factor"])
+
+
+def load_unet_text(path, vocab_size: int) -> tuple:
+    """(UNet, text encoder) of a checkpoint this script wrote."""
+    sd = {k: v.float() for k, v in load_file(str(path)).items()}
+    unet = UNetModel(UNET)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, width=WIDTH, layers=TEXT_LAYERS))
+    for m, prefix in ((unet, "model.diffusion_model."), (text, "cond_stage_model.transformer.")):
+        m.load_state_dict({k: sd[prefix + k] for k in m.state_dict()}, strict=True)
+    return unet, text
 
 
 def rounded(module):
@@ -283,7 +339,7 @@ def checkpoint_dict(unet, text, enc, dec, scale: float, dtype=torch.float16) -> 
     sd = {}
     for prefix, module in (("model.diffusion_model.", unet), ("cond_stage_model.transformer.", text),
                            ("first_stage_model.", enc), ("first_stage_model.", dec)):
-        sd.update({prefix + k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()})
+        sd.update({prefix + k: v.detach().to("cpu", dtype).contiguous() for k, v in module.state_dict().items()})
     sd["scale_factor"] = torch.tensor(scale, dtype=torch.float32)  # LDM's buffer when the scale comes from data
     return sd
 
@@ -303,12 +359,28 @@ def main(argv=None) -> int:
     p.add_argument("--decoder-steps", type=int, default=1000, help="whole-image steps of the decoder alone")
     p.add_argument("--unet-steps", type=int, default=3000)
     p.add_argument("--judge-steps", type=int, default=1200)
+    p.add_argument("--judge-images", type=int, default=6000, help="renders the judge trains on")
+    p.add_argument("--models", nargs="+", choices=("general", "expert"), default=["general", "expert"],
+                   help="the UNets to train (default: both)")
+    p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start each trained UNet and text encoder from this checkpoint's (fine-tuning)")
+    p.add_argument("--vae-from", default=None, metavar="CHECKPOINT",
+                   help="take the VAE and its latent scale factor from a written checkpoint instead of training "
+                        "one (to retrain UNets on the shipped VAE); with --judge-steps 0 no judge is trained")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
-    p.add_argument("--frozen-text", action="store_true", help="keep the text encoders at their random init")
+    p.add_argument("--frozen-text", choices=("both", "general", "expert"), default=None,
+                   help="keep these models' text encoders at their random initialisation (default: train both)")
+    p.add_argument("--expert-from-scratch", action="store_true",
+                   help="train the expert from a fresh initialisation (default: the general model is trained "
+                        "first and the expert is fine-tuned from it as written, as real experts are fine-tunes "
+                        "of a general model)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where the networks train; the random draws come "
+                   "from CPU generators either way (default: cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
     progress = not a.quiet
+    a.expert_from_general = not a.expert_from_scratch
     try:
         toyworld.font_path()
     except toyworld.FontMissing as e:
@@ -316,6 +388,20 @@ def main(argv=None) -> int:
         return 2
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.device not in ("cpu", "cuda") or (a.device == "cuda" and not torch.cuda.is_available()):
+        print(f"train_toy: error: --device {a.device} is not available here; use --device cpu", file=sys.stderr)
+        return 2
+    dev = torch.device(a.device)
+    if a.expert_from_general and a.models == ["expert"] and not a.init_from:
+        print("train_toy: error: the expert is fine-tuned from the general model: train both (--models general "
+              "expert), pass the general checkpoint with --init-from, or add --expert-from-scratch", file=sys.stderr)
+        return 2
+    for flag, path, needs in (("--vae-from", a.vae_from, ("first_stage_model.encoder.", "scale_factor")),
+                              ("--init-from", a.init_from, ("model.diffusion_model.", "cond_stage_model."))):
+        if path and not checkpoint_has(path, needs):
+            print(f"train_toy: error: {flag} {path} is not a checkpoint written by this script (no {' or '.join(needs)} "
+                  f"keys, or not a safetensors file); pass one such as weights/toy/general.safetensors", file=sys.stderr)
+            return 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -327,39 +413,69 @@ def main(argv=None) -> int:
     vocab = tok.vocab_size
     log(f"tokenizer: {vocab} ids")
     items = {"expert": expert_items(a.per_animal), "general": general_items(a.per_pair)}
+    if a.vae_from:  # only the sets whose UNets are trained
+        items = {k: v for k, v in items.items() if k in a.models}
     pixels = {k: render_items(v, seed=(a.seed + 1) * (1 if k == "expert" else 7) * 100_000, progress=progress)
               for k, v in items.items()}
     log(f"rendered {', '.join(f'{k}: {len(v)}' for k, v in pixels.items())}")
 
-    everything = torch.cat(list(pixels.values()))
-    enc, dec, vae_losses = train_vae(everything, a.vae_steps, seed=a.seed, progress=progress, log=log)
-    dec, dec_losses = finetune_decoder(enc, dec, everything, a.decoder_steps, seed=a.seed + 3, progress=progress,
-                                       log=log)
-    del everything
-    latents = {k: encode(enc, v) for k, v in pixels.items()}
-    all_z = torch.cat([m + s * torch.randn(m.shape, generator=torch.Generator().manual_seed(a.seed))
-                       for m, s in latents.values()])
-    scale = float(1 / all_z.flatten().std())
-    log(f"vae: final loss {np.mean(vae_losses[-50:]):.4f}, latent scale factor {scale:.5f}")
+    if a.vae_from:
+        enc, dec, scale = load_vae(a.vae_from)
+        enc, dec = enc.to(dev), dec.to(dev)
+        report = {"vae_from": a.vae_from, "scale_factor": scale}
+        latents = {k: encode(enc, v) for k, v in pixels.items()}
+        log(f"vae from {a.vae_from}, latent scale factor {scale:.5f}")
+    else:
+        everything = torch.cat(list(pixels.values()))
+        enc, dec, vae_losses = train_vae(everything, a.vae_steps, seed=a.seed, progress=progress, log=log, device=dev)
+        dec, dec_losses = finetune_decoder(enc, dec, everything, a.decoder_steps, seed=a.seed + 3,
+                                           progress=progress, log=log, device=dev)
+        del everything
+        latents = {k: encode(enc, v) for k, v in pixels.items()}
+        all_z = torch.cat([m + s * torch.randn(m.shape, generator=torch.Generator().manual_seed(a.seed))
+                           for m, s in latents.values()])
+        scale = float(1 / all_z.flatten().std())
+        log(f"vae: final loss {np.mean(vae_losses[-50:]):.4f}, latent scale factor {scale:.5f}")
+        report = {"vae_loss": float(np.mean(vae_losses[-50:])), "decoder_loss": float(np.mean(dec_losses[-50:])),
+                  "scale_factor": scale}
 
     uncond = tok([""])[0]
-    report = {"vae_loss": float(np.mean(vae_losses[-50:])), "decoder_loss": float(np.mean(dec_losses[-50:])),
-              "scale_factor": scale}
-    for i, name in enumerate(("expert", "general")):
+    trained = {}
+    for name in ("general", "expert") if a.expert_from_general else ("expert", "general"):
+        if name not in a.models:
+            continue
         ids = caption_ids(tok, items[name])
         m, s = latents[name]
-        unet, text, losses = train_unet(m, s, scale, ids, uncond, vocab, a.unet_steps, seed=a.seed + 10 + i,
-                                        name=name, progress=progress, log=log, train_text=not a.frozen_text)
+        init = None
+        if a.init_from:
+            init = load_unet_text(a.init_from, vocab)
+        elif a.expert_from_general and name == "expert":
+            # the fine-tune starts from the general model as written (float16) and sees the latents of the VAE as
+            # written, exactly what `--vae-from general.safetensors --init-from general.safetensors` gives
+            init = tuple(rounded(x) for x in trained["general"])
+            if not a.vae_from:
+                m, s = encode(rounded(enc), pixels["expert"])
+        unet, text, losses = train_unet(m, s, scale, ids, uncond, vocab, a.unet_steps,
+                                        seed=a.seed + (10 if name == "expert" else 11), name=name, progress=progress,
+                                        log=log, train_text=a.frozen_text not in ("both", name), init=init,
+                                        device=dev)
+        trained[name] = (unet, text)
         meta = {"magicfusion": f"toy world {name} model, tools/train_toy.py seed {a.seed}",
-                "training": f"{a.unet_steps} steps, final loss {np.mean(losses[-200:]):.4f}"}
+                "training": f"{a.unet_steps} steps, final loss {np.mean(losses[-200:]):.4f}"
+                            + (f", fine-tuned from {Path(a.init_from or 'general.safetensors').name}"
+                               if init is not None else "")
+                            + (", frozen text encoder" if a.frozen_text in ("both", name) else "")}
         write_atomic(checkpoint_dict(unet, text, enc, dec, scale), out / f"{name}.safetensors", meta)
         report[f"{name}_loss"] = float(np.mean(losses[-200:]))
         log(f"{name}: final loss(avg200) {report[f'{name}_loss']:.4f}; wrote {out / (name + '.safetensors')}")
 
+    if a.judge_steps == 0:
+        log(f"done in {time.time() - t0:.0f} s (no judge): {report}")
+        return 0
     vae = (rounded(enc), rounded(dec))  # the VAE as the checkpoints hold it (float16)
-    judge = judge_mod.train(steps=a.judge_steps, seed=a.seed, progress=progress, vae=vae)
+    judge = judge_mod.train(a.judge_images, a.judge_steps, seed=a.seed, progress=progress, vae=vae, device=dev)
     judge_mod.save(judge, out / "judge.safetensors")
-    acc = judge_mod.accuracy(judge, vae=vae)
+    acc = judge_mod.accuracy(judge, n=min(1000, a.judge_images), vae=vae)
     log(f"judge accuracy on unseen renders: {acc}")
     log(f"done in {time.time() - t0:.0f} s: {report}")
     return 0

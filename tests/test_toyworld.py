@@ -280,3 +280,24 @@ def test_eval_keeps_images_and_scores_them_again_without_sampling(shipped, tmp_p
     again = eval_toy.sampled("expert alone", None, None, "lion", "beach", 2, 2, tmp_path)
     assert [np.asarray(a).tolist() for a in first] == [np.asarray(b).tolist() for b in again]
     assert not np.array_equal(np.asarray(first[0]), np.asarray(first[1]))  # two noises, two images
+
+
+@needs_font
+def test_whole_run_fine_tunes_the_expert_as_the_two_step_path_does(tmp_path):
+    """A whole train_toy.py run fine-tunes the expert from the general model as written, on the written VAE's
+    latents: the same tensors as fine-tuning it afterwards from the general model's file (--vae-from, --init-from),
+    which is how the shipped expert was made."""
+    from safetensors.torch import load_file
+    from tools import train_toy
+    tiny = ["--per-animal", "1", "--per-pair", "1", "--vae-steps", "2", "--decoder-steps", "1", "--unet-steps", "3",
+            "--judge-steps", "0", "--quiet", "--threads", "1"]
+    assert train_toy.main([*tiny, "--out", str(tmp_path / "whole")]) == 0
+    general = str(tmp_path / "whole" / "general.safetensors")
+    assert train_toy.main([*tiny, "--out", str(tmp_path / "two"), "--models", "expert", "--vae-from", general,
+                           "--init-from", general]) == 0
+    whole, two = (load_file(str(tmp_path / d / "expert.safetensors")) for d in ("whole", "two"))
+    assert whole.keys() == two.keys() and all(torch.equal(whole[k], two[k]) for k in whole)
+    scratch = tmp_path / "scratch"
+    assert train_toy.main([*tiny, "--out", str(scratch), "--expert-from-scratch"]) == 0
+    other = load_file(str(scratch / "expert.safetensors"))
+    assert not all(torch.equal(whole[k], other[k]) for k in whole if k.startswith("model."))

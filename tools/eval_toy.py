@@ -41,6 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SIZE = toyworld.SIZE
 EVAL_SEED = 1000  # the tests use seeds below 100: the evaluation never sees their images
 
+OWN = {"saliency_reference": "own"}  # the paper's reading of the saliency
+LATE = {"fuse_from": 850, "fuse_until": -1, "outside": "expert"}  # the authors' second window recipe
+SCENE_PROMPT = {"general_prompt": "scene"}  # the general model told only its scene ("a beach")
 # name -> (how the image is made, keyword arguments); "general"/"expert" sample one model, "fuse" both
 SETTINGS = {
     "general alone": ("general", {}),
@@ -48,21 +51,15 @@ SETTINGS = {
     "SNB (defaults)": ("fuse", {}),
     "average blend (Fig. 9 baseline)": ("fuse", {"blend": "average"}),
     "SNB, no blur": ("fuse", {"blur": False}),
-    "SNB, own-unconditional saliency": ("fuse", {"saliency_reference": "own"}),
+    "SNB, own-unconditional saliency": ("fuse", OWN),
     "SNB 1000->600, general outside": ("fuse", {"fuse_from": 1000, "fuse_until": 600}),
-    "SNB 850->-1, expert outside": ("fuse", {"fuse_from": 850, "fuse_until": -1, "outside": "expert"}),
-    "SNB 850->-1, expert outside, own-unconditional": ("fuse", {"fuse_from": 850, "fuse_until": -1,
-                                                               "outside": "expert", "saliency_reference": "own"}),
-    "SNB 850->-1, expert outside, own-unconditional, ke=2": ("fuse", {"fuse_from": 850, "fuse_until": -1,
-                                                                     "outside": "expert", "saliency_reference": "own",
-                                                                     "ke": 2.0}),
-    "SNB 850->-1, expert outside, own-unconditional, guidance 5": ("fuse", {
-        "fuse_from": 850, "fuse_until": -1, "outside": "expert", "saliency_reference": "own", "guidance": 5.0}),
-    "SNB, own-unconditional, general prompted with its scene": ("fuse", {"saliency_reference": "own",
-                                                                         "general_prompt": "scene"}),
+    "SNB 850->-1, expert outside": ("fuse", LATE),
+    "SNB 850->-1, expert outside, own-unconditional": ("fuse", {**LATE, **OWN}),
+    "SNB 850->-1, expert outside, own-unconditional, ke=2": ("fuse", {**LATE, **OWN, "ke": 2.0}),
+    "SNB 850->-1, expert outside, own-unconditional, guidance 5": ("fuse", {**LATE, **OWN, "guidance": 5.0}),
+    "SNB, own-unconditional, general prompted with its scene": ("fuse", {**OWN, **SCENE_PROMPT}),
     "SNB 850->-1, expert outside, own-unconditional, general prompted with its scene": (
-        "fuse", {"fuse_from": 850, "fuse_until": -1, "outside": "expert", "saliency_reference": "own",
-                 "general_prompt": "scene"}),
+        "fuse", {**LATE, **OWN, **SCENE_PROMPT}),
     "SNB kg=1, ke=0.5": ("fuse", {"ke": 0.5}),
     "SNB kg=1, ke=2": ("fuse", {"ke": 2.0}),
     "SNB kg=2, ke=1": ("fuse", {"kg": 2.0}),
@@ -71,7 +68,7 @@ SETTINGS = {
     "SNB guidance 10": ("fuse", {"guidance": 10.0}),
     "SNB, DPM++ 2M Karras 20 steps": ("fuse", {"sampler": "dpmpp-2m", "karras": True, "steps": 20}),
     "SNB (defaults), DDIM 50 steps": ("fuse", {"steps": 50}),
-    "SNB, own-unconditional saliency, DDIM 50 steps": ("fuse", {"saliency_reference": "own", "steps": 50}),
+    "SNB, own-unconditional saliency, DDIM 50 steps": ("fuse", {**OWN, "steps": 50}),
 }
 EXAMPLES = [("lion", "beach"), ("panda", "snow"), ("frog", "meadow"), ("owl", "night"), ("fox", "desert"),
             ("penguin", "underwater")]

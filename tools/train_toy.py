@@ -308,24 +308,25 @@ def checkpoint_has(path, prefixes) -> bool:
     return all(any(k.startswith(p) for k in keys) for p in prefixes)
 
 
+def load_prefixed(sd: dict, module, prefix: str):
+    """Fill `module` strictly from the keys of `sd` under `prefix` (as float32); returns it in eval mode."""
+    module.load_state_dict({k: sd[prefix + k].float() for k in module.state_dict()}, strict=True)
+    return module.eval()
+
+
 def load_vae(path) -> tuple:
     """(encoder, decoder, latent scale factor) of a checkpoint this script wrote."""
     sd = load_file(str(path))
-    vae = {k.removeprefix("first_stage_model."): v.float() for k, v in sd.items() if k.startswith("first_stage_model.")}
-    enc, dec = VAEEncoder(VAE), VAEDecoder(VAE)
-    for m in (enc, dec):
-        m.load_state_dict({k: vae[k] for k in m.state_dict()}, strict=True)
-    return enc.eval(), dec.eval(), float(sd["scale_factor"])
+    return (load_prefixed(sd, VAEEncoder(VAE), "first_stage_model."),
+            load_prefixed(sd, VAEDecoder(VAE), "first_stage_model."), float(sd["scale_factor"]))
 
 
 def load_unet_text(path, vocab_size: int) -> tuple:
     """(UNet, text encoder) of a checkpoint this script wrote."""
-    sd = {k: v.float() for k, v in load_file(str(path)).items()}
-    unet = UNetModel(UNET)
+    sd = load_file(str(path))
     text = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, width=WIDTH, layers=TEXT_LAYERS))
-    for m, prefix in ((unet, "model.diffusion_model."), (text, "cond_stage_model.transformer.")):
-        m.load_state_dict({k: sd[prefix + k] for k in m.state_dict()}, strict=True)
-    return unet, text
+    return (load_prefixed(sd, UNetModel(UNET), "model.diffusion_model."),
+            load_prefixed(sd, text, "cond_stage_model.transformer."))
 
 
 def rounded(module):
@@ -380,7 +381,7 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
     progress = not a.quiet
-    a.expert_from_general = not a.expert_from_scratch
+    finetune_expert = not a.expert_from_scratch
     try:
         toyworld.font_path()
     except toyworld.FontMissing as e:
@@ -392,7 +393,7 @@ def main(argv=None) -> int:
         print(f"train_toy: error: --device {a.device} is not available here; use --device cpu", file=sys.stderr)
         return 2
     dev = torch.device(a.device)
-    if a.expert_from_general and a.models == ["expert"] and not a.init_from:
+    if finetune_expert and a.models == ["expert"] and not a.init_from:
         print("train_toy: error: the expert is fine-tuned from the general model: train both (--models general "
               "expert), pass the general checkpoint with --init-from, or add --expert-from-scratch", file=sys.stderr)
         return 2
@@ -441,7 +442,7 @@ def main(argv=None) -> int:
 
     uncond = tok([""])[0]
     trained = {}
-    for name in ("general", "expert") if a.expert_from_general else ("expert", "general"):
+    for name in ("general", "expert") if finetune_expert else ("expert", "general"):
         if name not in a.models:
             continue
         ids = caption_ids(tok, items[name])
@@ -449,7 +450,7 @@ def main(argv=None) -> int:
         init = None
         if a.init_from:
             init = load_unet_text(a.init_from, vocab)
-        elif a.expert_from_general and name == "expert":
+        elif finetune_expert and name == "expert":
             # the fine-tune starts from the general model as written (float16) and sees the latents of the VAE as
             # written, exactly what `--vae-from general.safetensors --init-from general.safetensors` gives
             init = tuple(rounded(x) for x in trained["general"])

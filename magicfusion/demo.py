@@ -23,17 +23,19 @@ from .errors import InputError
 TOY = Path(__file__).resolve().parent.parent / "weights" / "toy"
 SIZE = 128
 # (general prompt, expert prompt): the expert is told only the animal, the general model the whole scene
-PROMPTS = [("a lion on the beach", "a lion"), ("a panda in the snow", "a panda"),
+PROMPTS = [("a lion on the beach", "a lion"), ("a panda in a meadow", "a panda"),
            ("a cat in the desert", "a cat"), ("a tiger underwater", "a tiger")]
 # The panel shows one seed, chosen by eye among 1-4 as one at which all four prompts fuse well; the last three
-# prompts were picked among the pairs the evaluation fused right from both of its noises. Over every prompt of the
-# toy world and other seeds, 43% of fused images have both the animal and the scene right (docs/toyworld.md).
-SEED = 2
+# prompts were picked among the pairs the evaluation fused right from both of its noises, in a scene the general
+# model also drew right alone. Over every prompt of the toy world and other seeds, 46% of fused images have both the
+# animal and the scene right (docs/toyworld.md).
+SEED = 3
 STEPS = 20  # DDIM steps: the toy models are small, and the demo must take seconds on a CPU
-# The best setting measured in the toy world (docs/toyworld.md): the expert's noise alone for the first steps
-# (t > 850, the authors' second recipe), then SNB to the end, each model's saliency against its own unconditional
-# prediction (the paper's text) and a sharper expert softmax (ke = 2). 43% both right, against 31% for the
-# authors' defaults and 16% for the plain average of the two noises.
+# One of the best settings measured in the toy world (docs/toyworld.md): the expert's noise alone for the first
+# steps (t > 850, the authors' second recipe), then SNB to the end, each model's saliency against its own
+# unconditional prediction (the paper's text) and a sharper expert softmax (ke = 2). 46% both right; five such
+# settings scored 45-50%, within the evaluation's noise, against 32% for the authors' defaults and 18% for the
+# plain average of the two noises.
 FUSION = dict(fuse_from=850, fuse_until=-1, outside="expert", saliency_reference="own", ke=2.0)
 
 

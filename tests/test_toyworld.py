@@ -135,6 +135,56 @@ def test_frozen_text_encoder_stays_at_its_initialisation():
     assert not same(frozen_u, start_u)
 
 
+def test_frozen_token_embeddings_stay_while_the_rest_of_the_encoder_trains():
+    """--frozen-embeddings: the token table keeps its seeded initialisation; positions and layers train."""
+    from tools.train_toy import train_unet
+    mean, std, ids, uncond = _tiny_unet_data()
+    kw = dict(vocab_size=64, batch=4, lr=2e-3, progress=False, seed=3)
+    _, start, _ = train_unet(mean, std, 1.0, ids, uncond, steps=0, **kw)
+    _, tuned, _ = train_unet(mean, std, 1.0, ids, uncond, steps=5, train_embeddings=False, **kw)
+    table = "text_model.embeddings.token_embedding.weight"
+    before, after = start.state_dict(), tuned.state_dict()
+    assert torch.equal(before[table], after[table])
+    assert not torch.equal(before["text_model.embeddings.position_embedding.weight"],
+                           after["text_model.embeddings.position_embedding.weight"])
+    assert any(not torch.equal(before[k], after[k]) for k in before if ".layers." in k)
+
+
+def test_unknown_word_augmentation_swaps_only_the_object_for_untaught_ids(tmp_path):
+    """--unknown-words: the object's ids (found by object_spans) give way to one or two ids no caption of either
+    model uses; the article before and the scene after stay, the row stays 77 ids padded with eos."""
+    from tools.train_toy import (caption_ids, expert_items, general_items, object_spans, replace_objects,
+                                 untaught_ids, write_tokenizer)
+    tok = write_tokenizer(tmp_path / "tok")
+    items = general_items(1)
+    ids, spans = caption_ids(tok, items), object_spans(tok, items)
+    pool = untaught_ids(tok, expert_items(1) + items)
+    animal_ids = set(caption_ids(tok, expert_items(1)).unique().tolist())
+    assert pool.numel() > 100 and not animal_ids & set(pool.tolist())
+    for i, (_, obj, _) in enumerate(items):  # the span holds exactly the object word's ids
+        start, n = spans[i, 0].tolist()
+        if obj is None:
+            assert n == 0
+        else:
+            word = tok([obj])[0]
+            assert ids[i, 0, start:start + n].tolist() == word[1:1 + n].tolist() and word[1 + n] == word[-1]
+    rows, sp = ids[:, 0], spans[:, 0]
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(replace_objects(rows, sp, pool, 0.0, gen), rows)
+    out = replace_objects(rows, sp, pool, 1.0, gen)
+    eos = int(rows[0, -1])
+    for row, new, (start, n) in zip(rows.tolist(), out.tolist(), sp.tolist()):
+        if n == 0:
+            assert new == row
+            continue
+        words = [t for t in row if t != eos]
+        new_words = [t for t in new if t != eos]
+        k = len(new_words) - len(words) + n  # the ids that took the object's place
+        assert k in (1, 2) and len(new) == len(row) and new[-1] == eos
+        assert new[:start] == row[:start] and new_words[start + k:] == words[start + n:]
+        assert set(new[start:start + k]) <= set(pool.tolist())
+
+
 def test_training_can_start_from_a_written_checkpoint(tmp_path):
     """--init-from / --vae-from read back exactly what checkpoint_dict wrote (float16), by LDM key prefix."""
     from tools.train_toy import (VAE, VAEDecoder, VAEEncoder, checkpoint_dict, load_unet_text, load_vae, rounded,
@@ -168,7 +218,7 @@ def test_train_toy_refuses_a_device_it_does_not_have(tmp_path, capsys):
 
 @pytest.mark.parametrize("args", [["--vae-from", "missing.safetensors"], ["--init-from", "README.md"],
                                   ["--vae-from", str(TOY / "judge.safetensors")],
-                                  ["--models", "expert"]])
+                                  ["--models", "expert"], ["--unknown-words", "2"], ["--unknown-words", "nan"]])
 def test_train_toy_refuses_bad_starting_points_before_writing(args, tmp_path, capsys):
     from tools import train_toy
     assert train_toy.main([*args, "--out", str(tmp_path / "o"), "--quiet"]) == 2
@@ -251,22 +301,23 @@ def judged(shipped):
 
 
 def test_each_model_alone_draws_only_its_half(judged):
-    """docs/toyworld.md (DDIM 20, 192 images): the general model alone 1% animal / 68% scene, the expert alone 100%
-    animal / 0% scene; neither gets both."""
+    """docs/toyworld.md (DDIM 20, 192 images): the general model alone 1% animal / 97% scene, the expert alone 97%
+    animal / 0% scene; neither gets both. (These 16 cases gave 0% / 88% and 100% / 0%.)"""
     general, expert = judged["general"].mean(0), judged["expert"].mean(0)
-    assert general[0] <= 0.15 and general[1] >= 0.5
+    assert general[0] <= 0.15 and general[1] >= 0.7
     assert expert[0] >= 0.6 and expert[1] <= 0.15
 
 
 def test_fusion_draws_the_experts_animal_in_the_general_models_scene(judged):
     """docs/toyworld.md, SNB with the demo's options (850 -> -1 window, expert outside, own-unconditional saliency,
-    ke = 2): 69% animal, 62% scene, 43% both over 192 images, where each model alone gets both in at most 1%. Fusion brings the expert's animal into a model that never drew one, keeps
-    the scene the expert never draws, and makes images that have both."""
+    ke = 2): 63% animal, 77% scene, 46% both over 192 images, where each model alone gets both in at most 1%.
+    Fusion brings the expert's animal into a model that never drew one, keeps the scene the expert never draws,
+    and makes images that have both."""
     fused, general, expert = judged["fused"].mean(0), judged["general"].mean(0), judged["expert"].mean(0)
     both = lambda v: (v[:, 0] * v[:, 1]).mean()  # noqa: E731
-    # thresholds: the evaluation's rates less about 20 points, for 16 images (these cases gave 75% / 75% / 50%)
+    # thresholds: the evaluation's rates less about 20 points, for 16 images (these cases gave 69% / 69% / 44%)
     assert fused[0] >= 0.45 > general[0]
-    assert fused[1] >= 0.4 > expert[1]
+    assert fused[1] >= 0.5 > expert[1]
     assert both(judged["fused"]) >= 0.25 > max(both(judged["general"]), both(judged["expert"]))
 
 
@@ -283,21 +334,32 @@ def test_eval_keeps_images_and_scores_them_again_without_sampling(shipped, tmp_p
 
 
 @needs_font
-def test_whole_run_fine_tunes_the_expert_as_the_two_step_path_does(tmp_path):
-    """A whole train_toy.py run fine-tunes the expert from the general model as written, on the written VAE's
-    latents: the same tensors as fine-tuning it afterwards from the general model's file (--vae-from, --init-from),
-    which is how the shipped expert was made."""
+def test_whole_run_trains_what_the_stage_by_stage_path_trains(tmp_path):
+    """A whole train_toy.py run trains both UNets on the written VAE's latents and fine-tunes the expert from the
+    general model as written: the same tensors as training the general model on a written VAE (--vae-from) and
+    fine-tuning the expert from its file afterwards (--init-from), which is how the shipped models were made."""
     from safetensors.torch import load_file
     from tools import train_toy
     tiny = ["--per-animal", "1", "--per-pair", "1", "--vae-steps", "2", "--decoder-steps", "1", "--unet-steps", "3",
-            "--judge-steps", "0", "--quiet", "--threads", "1"]
+            "--judge-steps", "0", "--quiet", "--threads", "1", "--frozen-embeddings", "general",
+            "--unknown-words", "0.5"]
     assert train_toy.main([*tiny, "--out", str(tmp_path / "whole")]) == 0
-    general = str(tmp_path / "whole" / "general.safetensors")
+    first = str(tmp_path / "whole" / "general.safetensors")
+    assert train_toy.main([*tiny, "--out", str(tmp_path / "two"), "--models", "general", "--vae-from", first]) == 0
+    general = str(tmp_path / "two" / "general.safetensors")
     assert train_toy.main([*tiny, "--out", str(tmp_path / "two"), "--models", "expert", "--vae-from", general,
                            "--init-from", general]) == 0
-    whole, two = (load_file(str(tmp_path / d / "expert.safetensors")) for d in ("whole", "two"))
-    assert whole.keys() == two.keys() and all(torch.equal(whole[k], two[k]) for k in whole)
+    for name in ("general", "expert"):
+        whole, two = (load_file(str(tmp_path / d / f"{name}.safetensors")) for d in ("whole", "two"))
+        assert whole.keys() == two.keys() and all(torch.equal(whole[k], two[k]) for k in whole), name
+    whole = load_file(str(tmp_path / "whole" / "expert.safetensors"))
     scratch = tmp_path / "scratch"
     assert train_toy.main([*tiny, "--out", str(scratch), "--expert-from-scratch"]) == 0
     other = load_file(str(scratch / "expert.safetensors"))
     assert not all(torch.equal(whole[k], other[k]) for k in whole if k.startswith("model."))
+    plain = tmp_path / "plain"  # the recipe options change what is trained
+    assert train_toy.main([*tiny[:-4], "--frozen-embeddings", "none", "--unknown-words", "0", "--out", str(plain),
+                           "--vae-from", first, "--models", "general"]) == 0
+    other = load_file(str(plain / "general.safetensors"))
+    gen_two = load_file(general)
+    assert not all(torch.equal(gen_two[k], other[k]) for k in gen_two if k.startswith("model."))

@@ -15,8 +15,10 @@ Settings: each model alone, SNB with the defaults (the authors' code: saliency a
 unconditional prediction, 4x4 blur, k = 1, SNB at every step), the plain average of the two noises (the paper's
 Fig. 9 baseline), no blur, the paper's own-unconditional saliency, the two windows of the authors' README, a
 kg/ke sweep and a guidance-scale sweep (the paper's open question 2), and DPM++ 2M Karras at 20 steps against
-DDIM at 50; then the best window with a sharper expert softmax or guidance 5, and the general model prompted with
-its scene alone. Unless a setting names its own steps, images are made with DDIM at `--steps` (20: the demo's).
+DDIM at 50; then the best window with a sharper expert softmax (ke = 2, 4) or guidance 5, the same window with the
+general model's noise outside it, own-unconditional saliency with ke = 2 at every step, and the general model
+prompted with its scene alone. Unless a setting names its own steps, images are made with DDIM at `--steps`
+(20: the demo's).
 """
 from __future__ import annotations
 
@@ -56,7 +58,11 @@ SETTINGS = {
     "SNB 850->-1, expert outside": ("fuse", LATE),
     "SNB 850->-1, expert outside, own-unconditional": ("fuse", {**LATE, **OWN}),
     "SNB 850->-1, expert outside, own-unconditional, ke=2": ("fuse", {**LATE, **OWN, "ke": 2.0}),
+    "SNB 850->-1, expert outside, own-unconditional, ke=4": ("fuse", {**LATE, **OWN, "ke": 4.0}),
     "SNB 850->-1, expert outside, own-unconditional, guidance 5": ("fuse", {**LATE, **OWN, "guidance": 5.0}),
+    "SNB 850->-1, general outside, own-unconditional, ke=2": ("fuse", {**LATE, "outside": "general", **OWN,
+                                                                      "ke": 2.0}),
+    "SNB, own-unconditional, ke=2": ("fuse", {**OWN, "ke": 2.0}),
     "SNB, own-unconditional, general prompted with its scene": ("fuse", {**OWN, **SCENE_PROMPT}),
     "SNB 850->-1, expert outside, own-unconditional, general prompted with its scene": (
         "fuse", {**LATE, **OWN, **SCENE_PROMPT}),
@@ -132,13 +138,13 @@ def example_grid(settings: list, general, expert, seeds: int, steps: int, folder
     first image of that pair, read back from `folder` when the evaluation kept it there)."""
     examples = {pair: {name: sampled(name, general, expert, *pair, seeds, steps, folder)[0] for name in settings}
                 for pair in EXAMPLES}
-    tile, head, pad = SIZE * scale, 34, 4
+    tile, head, pad = SIZE * scale, 60, 4
     cols = ["render() ground truth", *settings]
     canvas = Image.new("RGB", (pad + len(cols) * (tile + pad), head + len(examples) * (tile + pad)), (250, 250, 250))
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=11)
     for c, name in enumerate(cols):  # column titles wrapped to the tile's width
-        draw.multiline_text((pad + c * (tile + pad), 2), "\n".join(textwrap.wrap(name, 22)[:3]), fill=(20, 20, 20),
+        draw.multiline_text((pad + c * (tile + pad), 2), "\n".join(textwrap.wrap(name, 22)[:5]), fill=(20, 20, 20),
                             font=font)
     for r, ((animal, scene), images) in enumerate(examples.items()):
         y = head + r * (tile + pad)

@@ -18,10 +18,16 @@ its weights differ from run to run):
    scaled_linear schedule (betas 0.00085..0.012, 1000 steps), AdamW, 10% caption dropout (the unconditional
    caption is ""), an EMA of the weights (saved): first the general model from scratch, then the expert
    fine-tuned from it (the general model's file as written, on the studio animals alone), as DreamBooth and
-   other SD experts are fine-tunes of SD;
+   other SD experts are fine-tunes of SD. The general model's token embedding table stays at its random
+   initialisation, and in a quarter of its captions that name an object the object's word is swapped for one or
+   two token ids that no caption uses. A fusion prompt ("a lion on the beach") holds a word the general model
+   never saw; trained this way, it still draws the scene the sentence names (the SD 1.x models people fuse have
+   met millions of words in training, this one a few dozen);
 4. the judge (tools/judge.py) on render() ground truth.
 
 Options for recipe experiments: `--frozen-text` keeps text encoders at their random initialisation,
+`--frozen-embeddings` only their token tables (default: the general model's), `--unknown-words RATE` sets the
+share of the swapped object words (default 0.25; 0 for none),
 `--expert-from-scratch` trains the expert from a fresh start instead of fine-tuning it from the general model,
 `--init-from` starts the UNets from a written checkpoint, `--vae-from` skips stages 1-2 and takes a written
 checkpoint's VAE and scale factor, `--models` trains only some UNets, `--judge-steps 0` skips stage 4.
@@ -246,6 +252,45 @@ def caption_ids(tok: CLIPTokenizer, items) -> torch.Tensor:
     return torch.stack([torch.stack([table[c] for c in caps]) for _, _, caps in items])
 
 
+def object_spans(tok: CLIPTokenizer, items) -> torch.Tensor:
+    """(N, variants, 2): where each caption variant's object word sits among its token ids (start, length);
+    (0, 0) for a caption without an object. BPE splits each word on its own, so the word's ids are contiguous."""
+    spans = torch.zeros(len(items), max(len(caps) for _, _, caps in items), 2, dtype=torch.long)
+    for i, (_, obj, caps) in enumerate(items):
+        if obj is None:
+            continue
+        word = tok([obj])[0]
+        word = word[1:int((word == word[-1]).nonzero()[0])].tolist()  # between bos and the first eos
+        for v, cap in enumerate(caps):
+            row = tok([cap])[0].tolist()
+            start = next(j for j in range(1, len(row)) if row[j:j + len(word)] == word)
+            spans[i, v] = torch.tensor([start, len(word)])
+    return spans
+
+
+def untaught_ids(tok: CLIPTokenizer, items) -> torch.Tensor:
+    """Token ids that no caption of `items` uses (pass both models' items): the vocabulary's byte symbols and
+    partial merges, whose embeddings stay as initialised, like an animal's name in the general model."""
+    used = set(caption_ids(tok, items).unique().tolist())
+    return torch.tensor(sorted(set(range(tok.vocab_size)) - used))
+
+
+def replace_objects(ids: torch.Tensor, spans: torch.Tensor, pool: torch.Tensor, rate: float,
+                    gen: torch.Generator) -> torch.Tensor:
+    """Unknown-word augmentation: in a share `rate` of the captions that name an object, the object's word is
+    swapped for one or two ids drawn from `pool`, so the model learns to keep drawing the scene its caption names
+    around a word it was never taught (what a general model meets in a fusion prompt: "a lion on the beach")."""
+    hit = (torch.rand(len(ids), generator=gen) < rate) & (spans[:, 1] > 0)
+    lengths = torch.randint(1, 3, (len(ids),), generator=gen)
+    picks = pool[torch.randint(0, len(pool), (len(ids), 2), generator=gen)]
+    out = ids.clone()
+    for i in hit.nonzero().flatten().tolist():
+        row, (start, n) = ids[i].tolist(), spans[i].tolist()
+        new = row[:start] + picks[i, :lengths[i]].tolist() + row[start + n:]
+        out[i] = torch.tensor((new + [row[-1]] * len(row))[:len(row)])  # re-padded with eos (the last id)
+    return out
+
+
 def diffusion_loss(unet, text, z0, ids, t, noise) -> torch.Tensor:
     """SD's objective: || eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t, text) ||^2."""
     abar = alphas_cumprod().to(z0.device)[t][:, None, None, None]
@@ -256,9 +301,11 @@ def diffusion_loss(unet, text, z0, ids, t, noise) -> torch.Tensor:
 def train_unet(mean, std, scale: float, ids: torch.Tensor, uncond: torch.Tensor, vocab_size: int, steps: int,
                batch: int = 32, lr: float = 6e-4, seed: int = 0, dropout: float = 0.1, ema_decay: float = 0.998,
                name: str = "unet", progress: bool = True, log=None, train_text: bool = True, init=None,
-               device="cpu"):
+               device="cpu", train_embeddings: bool = True, unknown: float = 0.0, spans=None, pool=None):
     """Train a UNet with its own text encoder; returns (EMA unet, EMA text encoder, losses), on the CPU.
-    `init`: a (unet, text encoder) pair to start from (fine-tuning) instead of a fresh initialisation."""
+    `init`: a (unet, text encoder) pair to start from (fine-tuning) instead of a fresh initialisation.
+    `train_embeddings=False` keeps the token embedding table as initialised (the rest of the encoder trains);
+    `unknown` > 0 applies `replace_objects` with `spans` (from `object_spans`) and `pool` to the captions."""
     torch.manual_seed(seed)
     unet = UNetModel(UNET)
     zero_init_outputs_(unet)
@@ -271,7 +318,8 @@ def train_unet(mean, std, scale: float, ids: torch.Tensor, uncond: torch.Tensor,
         text.load_state_dict(init[1].state_dict(), strict=True)
     unet, text = unet.to(device), text.to(device)
     text.requires_grad_(train_text)
-    params = [*unet.parameters(), *(text.parameters() if train_text else [])]
+    text.text_model.embeddings.token_embedding.requires_grad_(train_text and train_embeddings)
+    params = [*unet.parameters(), *(p for p in text.parameters() if p.requires_grad)]
     opt = torch.optim.AdamW(params, lr, weight_decay=0.01)
     ema = EMA([unet, text], ema_decay)
     gen = torch.Generator().manual_seed(seed)
@@ -282,6 +330,8 @@ def train_unet(mean, std, scale: float, ids: torch.Tensor, uncond: torch.Tensor,
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
         variant = torch.randint(0, ids.shape[1], (batch,), generator=gen)
         b_ids = ids[idx, variant]
+        if unknown > 0:  # drawn only when used, so the draws of a run without it are unchanged
+            b_ids = replace_objects(b_ids, spans[idx, variant], pool, unknown, gen)
         drop = torch.rand(batch, generator=gen) < dropout
         b_ids = torch.where(drop[:, None], uncond[None], b_ids)
         t = torch.randint(0, 1000, (batch,), generator=gen)
@@ -372,6 +422,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     p.add_argument("--frozen-text", choices=("both", "general", "expert"), default=None,
                    help="keep these models' text encoders at their random initialisation (default: train both)")
+    p.add_argument("--frozen-embeddings", choices=("none", "both", "general", "expert"), default="general",
+                   help="keep these models' token embedding tables at their random initialisation, the rest of "
+                        "the text encoder trained (default: general, so that every word it never saw stays as "
+                        "random as the untaught ids of --unknown-words)")
+    p.add_argument("--unknown-words", type=float, default=0.25, metavar="RATE",
+                   help="share of the general model's object captions whose object word is swapped for one or "
+                        "two untaught token ids (default: 0.25; 0: none)")
     p.add_argument("--expert-from-scratch", action="store_true",
                    help="train the expert from a fresh initialisation (default: the general model is trained "
                         "first and the expert is fine-tuned from it as written, as real experts are fine-tunes "
@@ -403,6 +460,10 @@ def main(argv=None) -> int:
             print(f"train_toy: error: {flag} {path} is not a checkpoint written by this script (no {' or '.join(needs)} "
                   f"keys, or not a safetensors file); pass one such as weights/toy/general.safetensors", file=sys.stderr)
             return 2
+    if not 0 <= a.unknown_words <= 1:
+        print(f"train_toy: error: --unknown-words {a.unknown_words} is not a share; pass a number in 0..1",
+              file=sys.stderr)
+        return 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -437,10 +498,15 @@ def main(argv=None) -> int:
                            for m, s in latents.values()])
         scale = float(1 / all_z.flatten().std())
         log(f"vae: final loss {np.mean(vae_losses[-50:]):.4f}, latent scale factor {scale:.5f}")
+        # the UNets learn the latents of the encoder as the checkpoints hold it (float16), which is what a run
+        # with --vae-from gives them: a whole run and the stage-by-stage path train the same UNets
+        enc = rounded(enc)
+        latents = {k: encode(enc, v) for k, v in pixels.items()}
         report = {"vae_loss": float(np.mean(vae_losses[-50:])), "decoder_loss": float(np.mean(dec_losses[-50:])),
                   "scale_factor": scale}
 
     uncond = tok([""])[0]
+    pool = untaught_ids(tok, expert_items(1) + general_items(1))
     trained = {}
     for name in ("general", "expert") if finetune_expert else ("expert", "general"):
         if name not in a.models:
@@ -451,21 +517,24 @@ def main(argv=None) -> int:
         if a.init_from:
             init = load_unet_text(a.init_from, vocab)
         elif finetune_expert and name == "expert":
-            # the fine-tune starts from the general model as written (float16) and sees the latents of the VAE as
-            # written, exactly what `--vae-from general.safetensors --init-from general.safetensors` gives
+            # the fine-tune starts from the general model as written (float16), exactly what
+            # `--vae-from general.safetensors --init-from general.safetensors` gives
             init = tuple(rounded(x) for x in trained["general"])
-            if not a.vae_from:
-                m, s = encode(rounded(enc), pixels["expert"])
         unet, text, losses = train_unet(m, s, scale, ids, uncond, vocab, a.unet_steps,
                                         seed=a.seed + (10 if name == "expert" else 11), name=name, progress=progress,
                                         log=log, train_text=a.frozen_text not in ("both", name), init=init,
-                                        device=dev)
+                                        device=dev, train_embeddings=a.frozen_embeddings not in ("both", name),
+                                        unknown=a.unknown_words if name == "general" else 0.0,
+                                        spans=object_spans(tok, items[name]), pool=pool)
         trained[name] = (unet, text)
         meta = {"magicfusion": f"toy world {name} model, tools/train_toy.py seed {a.seed}",
                 "training": f"{a.unet_steps} steps, final loss {np.mean(losses[-200:]):.4f}"
                             + (f", fine-tuned from {Path(a.init_from or 'general.safetensors').name}"
                                if init is not None else "")
-                            + (", frozen text encoder" if a.frozen_text in ("both", name) else "")}
+                            + (", frozen text encoder" if a.frozen_text in ("both", name) else "")
+                            + (", frozen token embeddings" if a.frozen_embeddings in ("both", name) else "")
+                            + (f", unknown words {a.unknown_words:g}" if name == "general" and a.unknown_words
+                               else "")}
         write_atomic(checkpoint_dict(unet, text, enc, dec, scale), out / f"{name}.safetensors", meta)
         report[f"{name}_loss"] = float(np.mean(losses[-200:]))
         log(f"{name}: final loss(avg200) {report[f'{name}_loss']:.4f}; wrote {out / (name + '.safetensors')}")

@@ -255,16 +255,17 @@ def caption_ids(tok: CLIPTokenizer, items) -> torch.Tensor:
 def object_spans(tok: CLIPTokenizer, items) -> torch.Tensor:
     """(N, variants, 2): where each caption variant's object word sits among its token ids (start, length);
     (0, 0) for a caption without an object. BPE splits each word on its own, so the word's ids are contiguous."""
-    spans = torch.zeros(len(items), max(len(caps) for _, _, caps in items), 2, dtype=torch.long)
-    for i, (_, obj, caps) in enumerate(items):
-        if obj is None:
-            continue
+    def span(obj: str, cap: str) -> list:
         word = tok([obj])[0]
         word = word[1:int((word == word[-1]).nonzero()[0])].tolist()  # between bos and the first eos
-        for v, cap in enumerate(caps):
-            row = tok([cap])[0].tolist()
-            start = next(j for j in range(1, len(row)) if row[j:j + len(word)] == word)
-            spans[i, v] = torch.tensor([start, len(word)])
+        row = tok([cap])[0].tolist()
+        return [next(j for j in range(1, len(row)) if row[j:j + len(word)] == word), len(word)]
+
+    table = {(obj, cap): span(obj, cap) for _, obj, caps in items if obj is not None for cap in caps}
+    spans = torch.zeros(len(items), max(len(caps) for _, _, caps in items), 2, dtype=torch.long)
+    for i, (_, obj, caps) in enumerate(items):
+        for v, cap in enumerate(caps if obj is not None else []):
+            spans[i, v] = torch.tensor(table[obj, cap])
     return spans
 
 
@@ -514,6 +515,7 @@ def main(argv=None) -> int:
         ids = caption_ids(tok, items[name])
         m, s = latents[name]
         init = None
+        unknown = a.unknown_words if name == "general" else 0.0  # the expert's captions hold no word to swap
         if a.init_from:
             init = load_unet_text(a.init_from, vocab)
         elif finetune_expert and name == "expert":
@@ -524,8 +526,8 @@ def main(argv=None) -> int:
                                         seed=a.seed + (10 if name == "expert" else 11), name=name, progress=progress,
                                         log=log, train_text=a.frozen_text not in ("both", name), init=init,
                                         device=dev, train_embeddings=a.frozen_embeddings not in ("both", name),
-                                        unknown=a.unknown_words if name == "general" else 0.0,
-                                        spans=object_spans(tok, items[name]), pool=pool)
+                                        unknown=unknown, pool=pool,
+                                        spans=object_spans(tok, items[name]) if unknown else None)
         trained[name] = (unet, text)
         meta = {"magicfusion": f"toy world {name} model, tools/train_toy.py seed {a.seed}",
                 "training": f"{a.unet_steps} steps, final loss {np.mean(losses[-200:]):.4f}"

@@ -2,8 +2,8 @@
 
 The models come with the repository (`weights/toy/`, made by `tools/train_toy.py`): real SD 1.x checkpoints of a
 tiny size, trained from scratch in a toy world (tools/toyworld.py). The **expert** has only seen 16 animal emoji
-on a plain studio background; the **general** model has only seen 6 scenes (beach, snow, meadow, night, desert,
-underwater) with everyday objects, never an animal. Asked for "a lion on the beach", the general model draws a
+on plain backgrounds (a light studio, or one colour); the **general** model has only seen 6 scenes (beach, snow,
+meadow, night, desert, underwater) with everyday objects, never an animal. Asked for "a lion on the beach", the general model draws a
 beach without a lion, the expert a lion without a beach; Saliency-aware Noise Blending takes the lion where the
 expert's guidance is salient and the beach everywhere else.
 
@@ -24,18 +24,18 @@ TOY = Path(__file__).resolve().parent.parent / "weights" / "toy"
 SIZE = 128
 # (general prompt, expert prompt): the expert is told only the animal, the general model the whole scene
 PROMPTS = [("a lion on the beach", "a lion"), ("a panda in a meadow", "a panda"),
-           ("a cat in the desert", "a cat"), ("a tiger underwater", "a tiger")]
-# The panel shows one seed, chosen by eye among 1-4 as one at which all four prompts fuse well; the last three
-# prompts were picked among the pairs the evaluation fused right from both of its noises, in a scene the general
-# model also drew right alone. Over every prompt of the toy world and other seeds, 46% of fused images have both the
-# animal and the scene right (docs/toyworld.md).
+           ("a cat in the desert", "a cat"), ("a tiger underwater", "a tiger"), ("a fox at night", "a fox")]
+# The panel shows one seed, chosen by eye among 1-4 as one at which all five prompts fuse well; the prompts after
+# the first were picked among pairs that fused right, in a scene the general model also drew right alone. Over every
+# prompt of the toy world and other seeds, 53% of fused images have both the animal and the scene right with the
+# options below (docs/toyworld.md).
 SEED = 3
 STEPS = 20  # DDIM steps: the toy models are small, and the demo must take seconds on a CPU
 # One of the best settings measured in the toy world (docs/toyworld.md): the expert's noise alone for the first
 # steps (t > 850, the authors' second recipe), then SNB to the end, each model's saliency against its own
-# unconditional prediction (the paper's text) and a sharper expert softmax (ke = 2). 46% both right; five such
-# settings scored 45-50%, within the evaluation's noise, against 32% for the authors' defaults and 18% for the
-# plain average of the two noises.
+# unconditional prediction (the paper's text) and a sharper expert softmax (ke = 2). 53% both right; the settings
+# that measure saliency this way scored 51-59%, within the evaluation's noise of one another, against 35% for the
+# authors' defaults and 29% for the plain average of the two noises.
 FUSION = dict(fuse_from=850, fuse_until=-1, outside="expert", saliency_reference="own", ke=2.0)
 
 

@@ -61,6 +61,33 @@ def test_render_draws_what_it_says():
     assert studio.mean() > 200 and studio.std() < 15  # plain and light
 
 
+@needs_font
+def test_a_backdrop_recolours_the_studio_and_leaves_the_animal():
+    """render(None, animal, seed, backdrop=rgb): the same animal at the same place as the studio image of that seed,
+    in front of a plain backdrop of that colour (the expert's --expert-backdrops images)."""
+    studio = np.asarray(toyworld.render(None, "lion", seed=2), dtype=np.int16)
+    blue = np.asarray(toyworld.render(None, "lion", seed=2, backdrop=(20, 40, 200)), dtype=np.int16)
+    animal = (studio.max(-1) - studio.min(-1) > 60) | (studio.mean(-1) < 150)
+    same = (studio == blue).all(-1)
+    assert same[animal].mean() > 0.8 and same[~animal].mean() < 0.05  # the animal's soft edge mixes with both
+    corners = blue[[0, 0, -1, -1], [0, -1, 0, -1]].astype(float)
+    assert np.abs(corners - (20, 40, 200)).max() < 45  # the colour, jittered and graded like the studio
+    with pytest.raises(ValueError):
+        toyworld.render("beach", "lion", backdrop=(0, 0, 0))
+
+
+def test_backdrop_draws_are_seeded_and_take_their_share():
+    from tools import train_toy
+    assert train_toy.backdrops(50, 0.0, 0) == [None] * 50
+    full = train_toy.backdrops(50, 1.0, 0)
+    assert all(c is not None and len(c) == 3 and all(0 <= v <= 255 for v in c) for c in full)
+    half = train_toy.backdrops(2000, 0.5, 3)
+    assert half == train_toy.backdrops(2000, 0.5, 3) and half != train_toy.backdrops(2000, 0.5, 4)
+    assert 0.45 < np.mean([c is not None for c in half]) < 0.55
+    colours = np.array([c for c in half if c is not None])
+    assert colours.min() < 20 and colours.max() > 235  # dark and bright backdrops alike
+
+
 def test_unknown_names_are_refused():
     with pytest.raises(KeyError):
         toyworld.render("moon", None)
@@ -218,7 +245,8 @@ def test_train_toy_refuses_a_device_it_does_not_have(tmp_path, capsys):
 
 @pytest.mark.parametrize("args", [["--vae-from", "missing.safetensors"], ["--init-from", "README.md"],
                                   ["--vae-from", str(TOY / "judge.safetensors")],
-                                  ["--models", "expert"], ["--unknown-words", "2"], ["--unknown-words", "nan"]])
+                                  ["--models", "expert"], ["--unknown-words", "2"], ["--unknown-words", "nan"],
+                                  ["--expert-backdrops", "-0.1"], ["--expert-backdrops", "nan"]])
 def test_train_toy_refuses_bad_starting_points_before_writing(args, tmp_path, capsys):
     from tools import train_toy
     assert train_toy.main([*args, "--out", str(tmp_path / "o"), "--quiet"]) == 2
@@ -302,7 +330,7 @@ def judged(shipped):
 
 def test_each_model_alone_draws_only_its_half(judged):
     """docs/toyworld.md (DDIM 20, 192 images): the general model alone 1% animal / 97% scene, the expert alone 97%
-    animal / 0% scene; neither gets both. (These 16 cases gave 0% / 88% and 100% / 0%.)"""
+    animal / 1% scene; neither gets both more than once in 192. (These 16 cases gave 0% / 88% and 81% / 6%.)"""
     general, expert = judged["general"].mean(0), judged["expert"].mean(0)
     assert general[0] <= 0.15 and general[1] >= 0.7
     assert expert[0] >= 0.6 and expert[1] <= 0.15
@@ -310,15 +338,15 @@ def test_each_model_alone_draws_only_its_half(judged):
 
 def test_fusion_draws_the_experts_animal_in_the_general_models_scene(judged):
     """docs/toyworld.md, SNB with the demo's options (850 -> -1 window, expert outside, own-unconditional saliency,
-    ke = 2): 63% animal, 77% scene, 46% both over 192 images, where each model alone gets both in at most 1%.
+    ke = 2): 68% animal, 76% scene, 53% both over 192 images, where each model alone gets both in at most 1%.
     Fusion brings the expert's animal into a model that never drew one, keeps the scene the expert never draws,
     and makes images that have both."""
     fused, general, expert = judged["fused"].mean(0), judged["general"].mean(0), judged["expert"].mean(0)
     both = lambda v: (v[:, 0] * v[:, 1]).mean()  # noqa: E731
-    # thresholds: the evaluation's rates less about 20 points, for 16 images (these cases gave 69% / 69% / 44%)
-    assert fused[0] >= 0.45 > general[0]
-    assert fused[1] >= 0.5 > expert[1]
-    assert both(judged["fused"]) >= 0.25 > max(both(judged["general"]), both(judged["expert"]))
+    # thresholds: the evaluation's rates less about 20 points, for 16 images (these cases gave 75% / 75% / 56%)
+    assert fused[0] >= 0.5 > general[0]
+    assert fused[1] >= 0.55 > expert[1]
+    assert both(judged["fused"]) >= 0.3 > max(both(judged["general"]), both(judged["expert"]))
 
 
 def test_eval_keeps_images_and_scores_them_again_without_sampling(shipped, tmp_path):
@@ -363,3 +391,8 @@ def test_whole_run_trains_what_the_stage_by_stage_path_trains(tmp_path):
     other = load_file(str(plain / "general.safetensors"))
     gen_two = load_file(general)
     assert not all(torch.equal(gen_two[k], other[k]) for k in gen_two if k.startswith("model."))
+    backdrops = tmp_path / "backdrops"  # and so do the expert's backdrops
+    assert train_toy.main([*tiny, "--out", str(backdrops), "--models", "expert", "--vae-from", general,
+                           "--init-from", general, "--expert-backdrops", "1"]) == 0
+    other, exp_two = load_file(str(backdrops / "expert.safetensors")), load_file(str(tmp_path / "two" / "expert.safetensors"))
+    assert not all(torch.equal(exp_two[k], other[k]) for k in exp_two if k.startswith("model."))

@@ -182,9 +182,12 @@ def _underwater(img, rng, s):
     _fill_below(img, floor, _jitter(rng, (190, 170, 120)), _jitter(rng, (150, 130, 90)))
 
 
-def _studio(img, rng, s):
-    """The expert's plain light background: a soft vertical gradient around a light grey."""
-    base = _jitter(rng, (232, 230, 226), 8)
+STUDIO = (232, 230, 226)  # the expert's backdrop colour, a light grey
+
+
+def _studio(img, rng, s, colour=STUDIO):
+    """The expert's plain background: a soft vertical gradient around `colour` (the studio's light grey)."""
+    base = _jitter(rng, colour, 8)
     img[:] = _vertical(s, np.clip(base + 8, 0, 255), np.clip(base - 10, 0, 255))
 
 
@@ -205,8 +208,11 @@ def _place(canvas: Image.Image, char: str, rng: np.random.Generator, frac, sky: 
     canvas.alpha_composite(g, (x, y))
 
 
-def render(scene: str | None = None, obj: str | None = None, seed: int = 0, size: int = SIZE) -> Image.Image:
+def render(scene: str | None = None, obj: str | None = None, seed: int = 0, size: int = SIZE,
+           backdrop=None) -> Image.Image:
     """Draw `obj` (an animal or a general object, by name) in `scene` (None: the studio background); RGB.
+    `backdrop`, an (r, g, b) colour, paints the studio in that colour instead of its light grey (scene=None only;
+    the object's size and place are those of the same seed's studio image).
 
     Animals and the general model's objects alike are 35-65% of the image at a random position (the sun 25-40%,
     high in the sky), so the general model learns scenes with a large thing anywhere in front of them, as the
@@ -215,9 +221,14 @@ def render(scene: str | None = None, obj: str | None = None, seed: int = 0, size
         raise KeyError(f"unknown scene {scene!r}; known: {', '.join(SCENES)}")
     if obj is not None and obj not in OBJECTS:
         raise KeyError(f"unknown object {obj!r}")
+    if backdrop is not None and scene is not None:
+        raise ValueError("a backdrop colour replaces the studio's; it takes scene=None")
     rng = np.random.default_rng([seed, hash_name(scene), hash_name(obj)])
     img = np.zeros((size, size, 3), dtype=np.float32)
-    (DRAW[scene] if scene else _studio)(img, rng, size)
+    if scene:
+        DRAW[scene](img, rng, size)
+    else:
+        _studio(img, rng, size, STUDIO if backdrop is None else backdrop)
     canvas = Image.fromarray(img.round().astype(np.uint8)).convert("RGBA")
     if obj == "sun":
         _place(canvas, GENERAL_OBJECTS[obj], rng, (0.25, 0.4), sky=True)

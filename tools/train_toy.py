@@ -17,17 +17,20 @@ its weights differ from run to run):
 3. for each model a UNet and a CLIP text encoder trained together with SD's objective: epsilon prediction on the
    scaled_linear schedule (betas 0.00085..0.012, 1000 steps), AdamW, 10% caption dropout (the unconditional
    caption is ""), an EMA of the weights (saved): first the general model from scratch, then the expert
-   fine-tuned from it (the general model's file as written, on the studio animals alone), as DreamBooth and
+   fine-tuned from it (the general model's file as written, on the animals alone), as DreamBooth and
    other SD experts are fine-tunes of SD. The general model's token embedding table stays at its random
    initialisation, and in a quarter of its captions that name an object the object's word is swapped for one or
    two token ids that no caption uses. A fusion prompt ("a lion on the beach") holds a word the general model
    never saw; trained this way, it still draws the scene the sentence names (the SD 1.x models people fuse have
-   met millions of words in training, this one a few dozen);
+   met millions of words in training, this one a few dozen). Half of the expert's images are drawn in front of a
+   plain backdrop of a random colour instead of the studio's light grey (never a scene): an expert that knows its
+   animals only on light grey loses them when a fusion surrounds them with a scene's colours;
 4. the judge (tools/judge.py) on render() ground truth.
 
 Options for recipe experiments: `--frozen-text` keeps text encoders at their random initialisation,
 `--frozen-embeddings` only their token tables (default: the general model's), `--unknown-words RATE` sets the
-share of the swapped object words (default 0.25; 0 for none),
+share of the swapped object words (default 0.25; 0 for none), `--expert-backdrops RATE` the share of the
+expert's recoloured backdrops (default 0.5; 0 for none; the VAE always learns the world as rendered),
 `--expert-from-scratch` trains the expert from a fresh start instead of fine-tuning it from the general model,
 `--init-from` starts the UNets from a written checkpoint, `--vae-from` skips stages 1-2 and takes a written
 checkpoint's VAE and scale factor, `--models` trains only some UNets, `--judge-steps 0` skips stage 4.
@@ -119,11 +122,24 @@ def general_items(per_pair: int):
     return items
 
 
-def render_items(items, seed: int, progress: bool) -> torch.Tensor:
-    """-> (N, 3, S, S) pixels in [-1, 1]; item i is drawn with seed `seed + i`."""
+def backdrops(n: int, rate: float, seed: int) -> list:
+    """For each of `n` studio images: None (the studio's light grey), or, in a share `rate` of them, a plain
+    backdrop of a uniformly random colour, dark, bright or saturated. An expert that has seen its animals in front
+    of any colour keeps drawing them when a fusion surrounds them with a scene's colours; it still never sees a
+    scene. Rate 0 draws nothing."""
+    if rate == 0:
+        return [None] * n
+    rng = np.random.default_rng([seed, 5])
+    pick, colours = rng.random(n) < rate, rng.uniform(0, 255, (n, 3))
+    return [tuple(float(v) for v in c) if p else None for p, c in zip(pick, colours)]
+
+
+def render_items(items, seed: int, progress: bool, colours=None) -> torch.Tensor:
+    """-> (N, 3, S, S) pixels in [-1, 1]; item i is drawn with seed `seed + i` (and backdrop `colours[i]`)."""
     out = torch.empty(len(items), 3, toyworld.SIZE, toyworld.SIZE)
+    colours = colours or [None] * len(items)
     for i, (scene, obj, _) in enumerate(tqdm(items, desc="render", disable=None if progress else True, leave=False)):
-        arr = np.asarray(toyworld.render(scene, obj, seed=seed + i), dtype=np.float32)
+        arr = np.asarray(toyworld.render(scene, obj, seed=seed + i, backdrop=colours[i]), dtype=np.float32)
         out[i] = torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1
     return out
 
@@ -430,6 +446,9 @@ def main(argv=None) -> int:
     p.add_argument("--unknown-words", type=float, default=0.25, metavar="RATE",
                    help="share of the general model's object captions whose object word is swapped for one or "
                         "two untaught token ids (default: 0.25; 0: none)")
+    p.add_argument("--expert-backdrops", type=float, default=0.5, metavar="RATE",
+                   help="share of the expert's UNet training images drawn in front of a plain backdrop of a random "
+                        "colour instead of the light studio (default 0.5; 0 for none)")
     p.add_argument("--expert-from-scratch", action="store_true",
                    help="train the expert from a fresh initialisation (default: the general model is trained "
                         "first and the expert is fine-tuned from it as written, as real experts are fine-tunes "
@@ -461,10 +480,10 @@ def main(argv=None) -> int:
             print(f"train_toy: error: {flag} {path} is not a checkpoint written by this script (no {' or '.join(needs)} "
                   f"keys, or not a safetensors file); pass one such as weights/toy/general.safetensors", file=sys.stderr)
             return 2
-    if not 0 <= a.unknown_words <= 1:
-        print(f"train_toy: error: --unknown-words {a.unknown_words} is not a share; pass a number in 0..1",
-              file=sys.stderr)
-        return 2
+    for flag, rate in (("--unknown-words", a.unknown_words), ("--expert-backdrops", a.expert_backdrops)):
+        if not 0 <= rate <= 1:
+            print(f"train_toy: error: {flag} {rate} is not a share; pass a number in 0..1", file=sys.stderr)
+            return 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -478,15 +497,21 @@ def main(argv=None) -> int:
     items = {"expert": expert_items(a.per_animal), "general": general_items(a.per_pair)}
     if a.vae_from:  # only the sets whose UNets are trained
         items = {k: v for k, v in items.items() if k in a.models}
-    pixels = {k: render_items(v, seed=(a.seed + 1) * (1 if k == "expert" else 7) * 100_000, progress=progress)
-              for k, v in items.items()}
+    seeds = {k: (a.seed + 1) * (1 if k == "expert" else 7) * 100_000 for k in items}
+    pixels = {k: render_items(v, seed=seeds[k], progress=progress) for k, v in items.items()}
     log(f"rendered {', '.join(f'{k}: {len(v)}' for k, v in pixels.items())}")
+    # the VAE learns the world as rendered; the expert's UNet sees the same images, some with a coloured backdrop
+    unet_pixels = dict(pixels)
+    if "expert" in items and a.expert_backdrops:
+        colours = backdrops(len(items["expert"]), a.expert_backdrops, a.seed)
+        unet_pixels["expert"] = render_items(items["expert"], seeds["expert"], progress, colours)
+        log(f"expert backdrops: {sum(c is not None for c in colours)} of {len(colours)} recoloured")
 
     if a.vae_from:
         enc, dec, scale = load_vae(a.vae_from)
         enc, dec = enc.to(dev), dec.to(dev)
         report = {"vae_from": a.vae_from, "scale_factor": scale}
-        latents = {k: encode(enc, v) for k, v in pixels.items()}
+        latents = {k: encode(enc, v) for k, v in unet_pixels.items()}
         log(f"vae from {a.vae_from}, latent scale factor {scale:.5f}")
     else:
         everything = torch.cat(list(pixels.values()))
@@ -502,7 +527,7 @@ def main(argv=None) -> int:
         # the UNets learn the latents of the encoder as the checkpoints hold it (float16), which is what a run
         # with --vae-from gives them: a whole run and the stage-by-stage path train the same UNets
         enc = rounded(enc)
-        latents = {k: encode(enc, v) for k, v in pixels.items()}
+        latents = {k: encode(enc, v) for k, v in unet_pixels.items()}
         report = {"vae_loss": float(np.mean(vae_losses[-50:])), "decoder_loss": float(np.mean(dec_losses[-50:])),
                   "scale_factor": scale}
 
@@ -536,6 +561,8 @@ def main(argv=None) -> int:
                             + (", frozen text encoder" if a.frozen_text in ("both", name) else "")
                             + (", frozen token embeddings" if a.frozen_embeddings in ("both", name) else "")
                             + (f", unknown words {a.unknown_words:g}" if name == "general" and a.unknown_words
+                               else "")
+                            + (f", random backdrops {a.expert_backdrops:g}" if name == "expert" and a.expert_backdrops
                                else "")}
         write_atomic(checkpoint_dict(unet, text, enc, dec, scale), out / f"{name}.safetensors", meta)
         report[f"{name}_loss"] = float(np.mean(losses[-200:]))

@@ -16,9 +16,9 @@ unconditional prediction, 4x4 blur, k = 1, SNB at every step), the plain average
 Fig. 9 baseline), no blur, the paper's own-unconditional saliency, the two windows of the authors' README, a
 kg/ke sweep and a guidance-scale sweep (the paper's open question 2), and DPM++ 2M Karras at 20 steps against
 DDIM at 50; then the best window with a sharper expert softmax (ke = 2, 4) or guidance 5, the same window with the
-general model's noise outside it (ke = 1, 2, 4), own-unconditional saliency with ke = 2 at every step, and the general model
-prompted with its scene alone. Unless a setting names its own steps, images are made with DDIM at `--steps`
-(20: the demo's).
+general model's noise outside it (ke = 1, 2, 4), own-unconditional saliency with ke = 2 at every step, and the
+general model prompted with its scene alone. Unless a setting names its own steps, images are made with DDIM at
+`--steps` (20: the demo's).
 """
 from __future__ import annotations
 

@@ -498,14 +498,10 @@ def main(argv=None) -> int:
     if a.vae_from:  # only the sets whose UNets are trained
         items = {k: v for k, v in items.items() if k in a.models}
     seeds = {k: (a.seed + 1) * (1 if k == "expert" else 7) * 100_000 for k in items}
-    pixels = {k: render_items(v, seed=seeds[k], progress=progress) for k, v in items.items()}
-    log(f"rendered {', '.join(f'{k}: {len(v)}' for k, v in pixels.items())}")
-    # the VAE learns the world as rendered; the expert's UNet sees the same images, some with a coloured backdrop
-    unet_pixels = dict(pixels)
-    if "expert" in items and a.expert_backdrops:
-        colours = backdrops(len(items["expert"]), a.expert_backdrops, a.seed)
-        unet_pixels["expert"] = render_items(items["expert"], seeds["expert"], progress, colours)
-        log(f"expert backdrops: {sum(c is not None for c in colours)} of {len(colours)} recoloured")
+    colours = {"expert": backdrops(len(items["expert"]), a.expert_backdrops, a.seed)} if "expert" in items else {}
+    unet_pixels = {k: render_items(v, seeds[k], progress, colours.get(k)) for k, v in items.items()}
+    log(f"rendered {', '.join(f'{k}: {len(v)}' for k, v in unet_pixels.items())}"
+        + (f" (expert backdrops recoloured: {sum(c is not None for c in colours['expert'])})" if colours else ""))
 
     if a.vae_from:
         enc, dec, scale = load_vae(a.vae_from)
@@ -514,6 +510,9 @@ def main(argv=None) -> int:
         latents = {k: encode(enc, v) for k, v in unet_pixels.items()}
         log(f"vae from {a.vae_from}, latent scale factor {scale:.5f}")
     else:
+        # the VAE learns the world as rendered: the expert's images again, without their recoloured backdrops
+        pixels = {k: render_items(v, seeds[k], progress) if any(colours.get(k, [])) else unet_pixels[k]
+                  for k, v in items.items()}
         everything = torch.cat(list(pixels.values()))
         enc, dec, vae_losses = train_vae(everything, a.vae_steps, seed=a.seed, progress=progress, log=log, device=dev)
         dec, dec_losses = finetune_decoder(enc, dec, everything, a.decoder_steps, seed=a.seed + 3,

@@ -27,16 +27,16 @@ PROMPTS = [("a lion on the beach", "a lion"), ("a panda in a meadow", "a panda")
            ("a cat in the desert", "a cat"), ("a tiger underwater", "a tiger"), ("a fox at night", "a fox")]
 # The panel shows one seed, chosen by eye among 1-4 as one at which all five prompts fuse well; the prompts after
 # the first were picked among pairs that fused right, in a scene the general model also drew right alone. Over every
-# prompt of the toy world and other seeds, 53% of fused images have both the animal and the scene right with the
+# prompt of the toy world and other seeds, 82% of fused images have both the animal and the scene right with the
 # options below (docs/toyworld.md).
-SEED = 3
+SEED = 2
 STEPS = 20  # DDIM steps: the toy models are small, and the demo must take seconds on a CPU
-# One of the best settings measured in the toy world (docs/toyworld.md): the expert's noise alone for the first
-# steps (t > 850, the authors' second recipe), then SNB to the end, each model's saliency against its own
-# unconditional prediction (the paper's text) and a sharper expert softmax (ke = 2). 53% both right; the settings
-# that measure saliency this way scored 51-59%, within the evaluation's noise of one another, against 35% for the
-# authors' defaults and 29% for the plain average of the two noises.
-FUSION = dict(fuse_from=850, fuse_until=-1, outside="expert", saliency_reference="own", ke=2.0)
+# The best setting measured in the toy world (docs/toyworld.md): the general model's noise alone for the first
+# steps (t > 850: it lays out the scene, and a placeholder where the sentence names what it does not know), then
+# SNB to the end, each model's saliency against its own unconditional prediction (the paper's text) and a sharper
+# expert softmax (ke = 2). 82% both right, against 60% for the authors' defaults and 49% for the plain
+# average of the two noises.
+FUSION = dict(fuse_from=850, fuse_until=-1, outside="general", saliency_reference="own", ke=2.0)
 
 
 @dataclass

@@ -186,9 +186,15 @@ STUDIO = (232, 230, 226)  # the expert's backdrop colour, a light grey
 
 
 def _studio(img, rng, s, colour=STUDIO):
-    """The expert's plain background: a soft vertical gradient around `colour` (the studio's light grey)."""
-    base = _jitter(rng, colour, 8)
-    img[:] = _vertical(s, np.clip(base + 8, 0, 255), np.clip(base - 10, 0, 255))
+    """The expert's background: a soft vertical gradient around `colour` (the studio's light grey), or, when
+    `colour` is a (k, k, 3) grid of colours, that grid smoothly interpolated over the whole image."""
+    field = np.ndim(colour) == 3
+    base = _jitter(rng, STUDIO if field else colour, 8)  # drawn either way, so the animal's place follows the seed
+    if field:
+        grid = Image.fromarray(np.clip(np.asarray(colour), 0, 255).round().astype(np.uint8))
+        img[:] = np.asarray(grid.resize((s, s), Image.BICUBIC), dtype=np.float32)
+    else:
+        img[:] = _vertical(s, np.clip(base + 8, 0, 255), np.clip(base - 10, 0, 255))
 
 
 DRAW = {"beach": _beach, "snow": _snow, "meadow": _meadow, "night": _night, "desert": _desert,
@@ -211,8 +217,9 @@ def _place(canvas: Image.Image, char: str, rng: np.random.Generator, frac, sky: 
 def render(scene: str | None = None, obj: str | None = None, seed: int = 0, size: int = SIZE,
            backdrop=None) -> Image.Image:
     """Draw `obj` (an animal or a general object, by name) in `scene` (None: the studio background); RGB.
-    `backdrop`, an (r, g, b) colour, paints the studio in that colour instead of its light grey (scene=None only;
-    the object's size and place are those of the same seed's studio image).
+    `backdrop`, an (r, g, b) colour, paints the studio in that colour instead of its light grey; a (k, k, 3) array
+    of colours paints a smooth field through them (scene=None only; the object's size and place are those of the
+    same seed's studio image).
 
     Animals and the general model's objects alike are 35-65% of the image at a random position (the sun 25-40%,
     high in the sky), so the general model learns scenes with a large thing anywhere in front of them, as the

@@ -31,6 +31,7 @@ Options for recipe experiments: `--frozen-text` keeps text encoders at their ran
 `--frozen-embeddings` only their token tables (default: the general model's), `--unknown-words RATE` sets the
 share of the swapped object words (default 0.25; 0 for none), `--expert-backdrops RATE` the share of the
 expert's recoloured backdrops (default 0.5; 0 for none; the VAE always learns the world as rendered),
+`--backdrop-detail K` paints them as smooth fields through k x k random colours (k from 1..K; default 1: plain),
 `--expert-from-scratch` trains the expert from a fresh start instead of fine-tuning it from the general model,
 `--init-from` starts the UNets from a written checkpoint, `--vae-from` skips stages 1-2 and takes a written
 checkpoint's VAE and scale factor, `--models` trains only some UNets, `--judge-steps 0` skips stage 4.
@@ -38,6 +39,9 @@ checkpoint's VAE and scale factor, `--models` trains only some UNets, `--judge-s
 The checkpoints are LDM single files (`model.diffusion_model.*`, `cond_stage_model.transformer.*`,
 `first_stage_model.*` with the encoder, and the `scale_factor` LDM stores when it computes the scale from data),
 in float16 to keep them small; `magicfusion.load` reads them exactly as it reads SD 1.5. Both carry the same VAE.
+
+A whole run trains the expert for one round of `--unet-steps`. The shipped expert had two more rounds, each from
+the last round's file with a seed of its own, the last with `--backdrop-detail 4`: `bash tools/train_expert.sh`.
 """
 from __future__ import annotations
 
@@ -122,16 +126,23 @@ def general_items(per_pair: int):
     return items
 
 
-def backdrops(n: int, rate: float, seed: int) -> list:
-    """For each of `n` studio images: None (the studio's light grey), or, in a share `rate` of them, a plain
-    backdrop of a uniformly random colour, dark, bright or saturated. An expert that has seen its animals in front
-    of any colour keeps drawing them when a fusion surrounds them with a scene's colours; it still never sees a
-    scene. Rate 0 draws nothing."""
+def backdrops(n: int, rate: float, seed: int, detail: int = 1) -> list:
+    """For each of `n` studio images: None (the studio's light grey), or, in a share `rate` of them, a backdrop of
+    uniformly random colours, dark, bright or saturated. With `detail` 1 it is one plain colour; with `detail` K
+    each backdrop is a k x k grid of random colours (k drawn from 1..K) that render() interpolates smoothly: blotches
+    and bands of colour, no shapes and no scene. An expert that has seen its animals in front of any colours keeps
+    drawing them when a fusion surrounds them with a scene's; it still never sees a scene. Rate 0 draws nothing."""
     if rate == 0:
         return [None] * n
     rng = np.random.default_rng([seed, 5])
     pick, colours = rng.random(n) < rate, rng.uniform(0, 255, (n, 3))
-    return [tuple(float(v) for v in c) if p else None for p, c in zip(pick, colours)]
+    out = [tuple(float(v) for v in c) if p else None for p, c in zip(pick, colours)]
+    if detail > 1:  # a generator of its own, so the plain recipe's draws stay as they were
+        fields = np.random.default_rng([seed, 6])
+        for i, k in enumerate(fields.integers(1, detail + 1, n)):
+            if out[i] is not None and k > 1:
+                out[i] = fields.uniform(0, 255, (k, k, 3))
+    return out
 
 
 def render_items(items, seed: int, progress: bool, colours=None) -> torch.Tensor:
@@ -449,6 +460,9 @@ def main(argv=None) -> int:
     p.add_argument("--expert-backdrops", type=float, default=0.5, metavar="RATE",
                    help="share of the expert's UNet training images drawn in front of a plain backdrop of a random "
                         "colour instead of the light studio (default 0.5; 0 for none)")
+    p.add_argument("--backdrop-detail", type=int, default=1, metavar="K",
+                   help="the expert's random backdrops: 1 (default) a plain colour each; K > 1 a smooth field "
+                        "through a k x k grid of random colours, k drawn from 1..K")
     p.add_argument("--expert-from-scratch", action="store_true",
                    help="train the expert from a fresh initialisation (default: the general model is trained "
                         "first and the expert is fine-tuned from it as written, as real experts are fine-tunes "
@@ -484,6 +498,10 @@ def main(argv=None) -> int:
         if not 0 <= rate <= 1:
             print(f"train_toy: error: {flag} {rate} is not a share; pass a number in 0..1", file=sys.stderr)
             return 2
+    if not 1 <= a.backdrop_detail <= 16:
+        print(f"train_toy: error: --backdrop-detail {a.backdrop_detail} is out of range; pass a grid size in 1..16",
+              file=sys.stderr)
+        return 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -498,7 +516,8 @@ def main(argv=None) -> int:
     if a.vae_from:  # only the sets whose UNets are trained
         items = {k: v for k, v in items.items() if k in a.models}
     seeds = {k: (a.seed + 1) * (1 if k == "expert" else 7) * 100_000 for k in items}
-    colours = {"expert": backdrops(len(items["expert"]), a.expert_backdrops, a.seed)} if "expert" in items else {}
+    colours = {"expert": backdrops(len(items["expert"]), a.expert_backdrops, a.seed,
+                                     a.backdrop_detail)} if "expert" in items else {}
     unet_pixels = {k: render_items(v, seeds[k], progress, colours.get(k)) for k, v in items.items()}
     log(f"rendered {', '.join(f'{k}: {len(v)}' for k, v in unet_pixels.items())}"
         + (f" (expert backdrops recoloured: {sum(c is not None for c in colours['expert'])})" if colours else ""))
@@ -511,7 +530,8 @@ def main(argv=None) -> int:
         log(f"vae from {a.vae_from}, latent scale factor {scale:.5f}")
     else:
         # the VAE learns the world as rendered: the expert's images again, without their recoloured backdrops
-        pixels = {k: render_items(v, seeds[k], progress) if any(colours.get(k, [])) else unet_pixels[k]
+        recoloured = {k for k, c in colours.items() if any(x is not None for x in c)}
+        pixels = {k: render_items(v, seeds[k], progress) if k in recoloured else unet_pixels[k]
                   for k, v in items.items()}
         everything = torch.cat(list(pixels.values()))
         enc, dec, vae_losses = train_vae(everything, a.vae_steps, seed=a.seed, progress=progress, log=log, device=dev)
@@ -562,7 +582,9 @@ def main(argv=None) -> int:
                             + (f", unknown words {a.unknown_words:g}" if name == "general" and a.unknown_words
                                else "")
                             + (f", random backdrops {a.expert_backdrops:g}" if name == "expert" and a.expert_backdrops
-                               else "")}
+                               else "")
+                            + (f", backdrop detail {a.backdrop_detail}" if name == "expert" and a.expert_backdrops
+                               and a.backdrop_detail > 1 else "")}
         write_atomic(checkpoint_dict(unet, text, enc, dec, scale), out / f"{name}.safetensors", meta)
         report[f"{name}_loss"] = float(np.mean(losses[-200:]))
         log(f"{name}: final loss(avg200) {report[f'{name}_loss']:.4f}; wrote {out / (name + '.safetensors')}")

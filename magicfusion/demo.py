@@ -2,10 +2,10 @@
 
 The models come with the repository (`weights/toy/`, made by `tools/train_toy.py`): real SD 1.x checkpoints of a
 tiny size, trained from scratch in a toy world (tools/toyworld.py). The **expert** has only seen 16 animal emoji
-on plain backgrounds (a light studio, or one colour); the **general** model has only seen 6 scenes (beach, snow,
-meadow, night, desert, underwater) with everyday objects, never an animal. Asked for "a lion on the beach", the
-general model draws a beach without a lion, the expert a lion without a beach; Saliency-aware Noise Blending takes
-the lion where the expert's guidance is salient and the beach everywhere else.
+on plain or blotchy backgrounds (a light studio, random colours); the **general** model has only seen 6 scenes
+(beach, snow, meadow, night, desert, underwater) with everyday objects, never an animal. Asked for "a lion on the
+beach", the general model draws a beach without a lion, the expert a lion without a beach; Saliency-aware Noise
+Blending takes the lion where the expert's guidance is salient and the beach everywhere else.
 
 `panel()` lays the results out one row per prompt: general | expert | fused | where the expert won.
 """

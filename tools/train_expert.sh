@@ -3,7 +3,7 @@
 # fine-tuning rounds of tools/train_toy.py, 3,000 steps each, every round starting from the last round's file with a
 # seed of its own (so it trains on new renders and batches); the third paints half of the animals' backdrops as smooth
 # fields of random colours (--backdrop-detail 4). About 80 minutes on a 2-core CPU; the log is
-# weights/toy/expert-finetune.log. A whole `python "$root/tools/train_toy.py"` run (90 minutes for every model) trains
+# weights/toy/expert-finetune.log. A whole `python tools/train_toy.py` run (90 minutes for every model) trains
 # round 1 only.
 #
 #     bash tools/train_expert.sh [OUT [OPTION...]]   # OUT: where expert.safetensors goes (default: weights/toy);

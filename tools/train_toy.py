@@ -23,15 +23,19 @@ its weights differ from run to run):
    two token ids that no caption uses. A fusion prompt ("a lion on the beach") holds a word the general model
    never saw; trained this way, it still draws the scene the sentence names (the SD 1.x models people fuse have
    met millions of words in training, this one a few dozen). Half of the expert's images are drawn in front of a
-   plain backdrop of a random colour instead of the studio's light grey (never a scene): an expert that knows its
-   animals only on light grey loses them when a fusion surrounds them with a scene's colours;
+   backdrop of random colours instead of the studio's light grey (never a scene): an expert that knows its
+   animals only on light grey loses them when a fusion surrounds them with a scene's colours. The expert is
+   fine-tuned in three rounds of 3,000 steps, each from the last round's weights as a checkpoint holds them, on
+   renders and batches of its own (round r draws with seed `--seed` + r, exactly as a run with that seed would);
+   rounds 1 and 2 paint each backdrop one plain colour, round 3 smooth fields of colour (`--backdrop-detail 4`);
 4. the judge (tools/judge.py) on render() ground truth.
 
 Options for recipe experiments: `--frozen-text` keeps text encoders at their random initialisation,
 `--frozen-embeddings` only their token tables (default: the general model's), `--unknown-words RATE` sets the
 share of the swapped object words (default 0.25; 0 for none), `--expert-backdrops RATE` the share of the
 expert's recoloured backdrops (default 0.5; 0 for none; the VAE always learns the world as rendered),
-`--backdrop-detail K` paints them as smooth fields through k x k random colours (k from 1..K; default 1: plain),
+`--expert-rounds N` sets the number of the expert's rounds (default 3; 1 for a single one), `--backdrop-detail K`
+the last round's backdrops (smooth fields through k x k random colours, k from 1..K; default 4; 1: plain),
 `--expert-from-scratch` trains the expert from a fresh start instead of fine-tuning it from the general model,
 `--init-from` starts the UNets from a written checkpoint, `--vae-from` skips stages 1-2 and takes a written
 checkpoint's VAE and scale factor, `--models` trains only some UNets, `--judge-steps 0` skips stage 4.
@@ -40,8 +44,10 @@ The checkpoints are LDM single files (`model.diffusion_model.*`, `cond_stage_mod
 `first_stage_model.*` with the encoder, and the `scale_factor` LDM stores when it computes the scale from data),
 in float16 to keep them small; `magicfusion.load` reads them exactly as it reads SD 1.5. Both carry the same VAE.
 
-A whole run trains the expert for one round of `--unet-steps`. The shipped expert had two more rounds, each from
-the last round's file with a seed of its own, the last with `--backdrop-detail 4`: `bash tools/train_expert.sh`.
+Every stage can also run on its own: `--vae-from weights/toy/general.safetensors --init-from
+weights/toy/general.safetensors --models expert --judge-steps 0` fine-tunes the expert alone from the shipped
+general model, and `--expert-rounds 1 --seed R --init-from LAST_ROUND` one round of it (a test checks that the
+rounds run one by one give the tensors of a whole run).
 """
 from __future__ import annotations
 
@@ -460,9 +466,12 @@ def main(argv=None) -> int:
     p.add_argument("--expert-backdrops", type=float, default=0.5, metavar="RATE",
                    help="share of the expert's UNet training images drawn in front of a plain backdrop of a random "
                         "colour instead of the light studio (default 0.5; 0 for none)")
-    p.add_argument("--backdrop-detail", type=int, default=1, metavar="K",
-                   help="the expert's random backdrops: 1 (default) a plain colour each; K > 1 a smooth field "
-                        "through a k x k grid of random colours, k drawn from 1..K")
+    p.add_argument("--expert-rounds", type=int, default=3, metavar="N",
+                   help="fine-tune the expert in N rounds of --unet-steps (default 3), round r from round r-1's "
+                        "weights with seed --seed + r (new renders and batches)")
+    p.add_argument("--backdrop-detail", type=int, default=4, metavar="K",
+                   help="the last round's random backdrops: a smooth field through a k x k grid of random colours, "
+                        "k drawn from 1..K (default 4); 1: a plain colour each, as in the earlier rounds")
     p.add_argument("--expert-from-scratch", action="store_true",
                    help="train the expert from a fresh initialisation (default: the general model is trained "
                         "first and the expert is fine-tuned from it as written, as real experts are fine-tunes "
@@ -498,6 +507,10 @@ def main(argv=None) -> int:
         if not 0 <= rate <= 1:
             print(f"train_toy: error: {flag} {rate} is not a share; pass a number in 0..1", file=sys.stderr)
             return 2
+    if not 1 <= a.expert_rounds <= 10:
+        print(f"train_toy: error: --expert-rounds {a.expert_rounds} is out of range; pass a count in 1..10",
+              file=sys.stderr)
+        return 2
     if not 1 <= a.backdrop_detail <= 16:
         print(f"train_toy: error: --backdrop-detail {a.backdrop_detail} is out of range; pass a grid size in 1..16",
               file=sys.stderr)
@@ -516,8 +529,13 @@ def main(argv=None) -> int:
     if a.vae_from:  # only the sets whose UNets are trained
         items = {k: v for k, v in items.items() if k in a.models}
     seeds = {k: (a.seed + 1) * (1 if k == "expert" else 7) * 100_000 for k in items}
-    colours = {"expert": backdrops(len(items["expert"]), a.expert_backdrops, a.seed,
-                                     a.backdrop_detail)} if "expert" in items else {}
+    rounds = a.expert_rounds if "expert" in items else 1
+
+    def detail(r):  # the expert's backdrops in round r: fields of colour in the last round only
+        return a.backdrop_detail if r == rounds - 1 else 1
+
+    colours = {"expert": backdrops(len(items["expert"]), a.expert_backdrops, a.seed, detail(0))} \
+        if "expert" in items else {}
     unet_pixels = {k: render_items(v, seeds[k], progress, colours.get(k)) for k, v in items.items()}
     log(f"rendered {', '.join(f'{k}: {len(v)}' for k, v in unet_pixels.items())}"
         + (f" (expert backdrops recoloured: {sum(c is not None for c in colours['expert'])})" if colours else ""))
@@ -566,25 +584,36 @@ def main(argv=None) -> int:
             # the fine-tune starts from the general model as written (float16), exactly what
             # `--vae-from general.safetensors --init-from general.safetensors` gives
             init = tuple(rounded(x) for x in trained["general"])
-        unet, text, losses = train_unet(m, s, scale, ids, uncond, vocab, a.unet_steps,
-                                        seed=a.seed + (10 if name == "expert" else 11), name=name, progress=progress,
-                                        log=log, train_text=a.frozen_text not in ("both", name), init=init,
-                                        device=dev, train_embeddings=a.frozen_embeddings not in ("both", name),
-                                        unknown=unknown, pool=pool,
-                                        spans=object_spans(tok, items[name]) if unknown else None)
+        started_from = init
+        for r in range(rounds if name == "expert" else 1):
+            if r > 0:  # the next round: new renders (with this round's backdrops) and batches, from the last
+                # round's weights as a checkpoint holds them, as `--init-from LAST --seed SEED+r` would give
+                colours = backdrops(len(items[name]), a.expert_backdrops, a.seed + r, detail(r))
+                m, s = encode(enc, render_items(items[name], (a.seed + r + 1) * 100_000, progress, colours))
+                init = tuple(rounded(x) for x in (unet, text))
+                log(f"{name} round {r + 1} of {rounds}: rendered {len(items[name])} (backdrops recoloured: "
+                    f"{sum(c is not None for c in colours)}, detail {detail(r)})")
+            unet, text, losses = train_unet(m, s, scale, ids, uncond, vocab, a.unet_steps,
+                                            seed=a.seed + r + (10 if name == "expert" else 11), name=name,
+                                            progress=progress, log=log,
+                                            train_text=a.frozen_text not in ("both", name), init=init, device=dev,
+                                            train_embeddings=a.frozen_embeddings not in ("both", name),
+                                            unknown=unknown, pool=pool,
+                                            spans=object_spans(tok, items[name]) if unknown else None)
         trained[name] = (unet, text)
         meta = {"magicfusion": f"toy world {name} model, tools/train_toy.py seed {a.seed}",
-                "training": f"{a.unet_steps} steps, final loss {np.mean(losses[-200:]):.4f}"
+                "training": (f"{rounds} rounds of " if name == "expert" and rounds > 1 else "")
+                            + f"{a.unet_steps} steps, final loss {np.mean(losses[-200:]):.4f}"
                             + (f", fine-tuned from {Path(a.init_from or 'general.safetensors').name}"
-                               if init is not None else "")
+                               if started_from is not None else "")
                             + (", frozen text encoder" if a.frozen_text in ("both", name) else "")
                             + (", frozen token embeddings" if a.frozen_embeddings in ("both", name) else "")
                             + (f", unknown words {a.unknown_words:g}" if name == "general" and a.unknown_words
                                else "")
                             + (f", random backdrops {a.expert_backdrops:g}" if name == "expert" and a.expert_backdrops
                                else "")
-                            + (f", backdrop detail {a.backdrop_detail}" if name == "expert" and a.expert_backdrops
-                               and a.backdrop_detail > 1 else "")}
+                            + (f", backdrop detail {a.backdrop_detail}" + (" in the last round" if rounds > 1 else "")
+                               if name == "expert" and a.expert_backdrops and a.backdrop_detail > 1 else "")}
         write_atomic(checkpoint_dict(unet, text, enc, dec, scale), out / f"{name}.safetensors", meta)
         report[f"{name}_loss"] = float(np.mean(losses[-200:]))
         log(f"{name}: final loss(avg200) {report[f'{name}_loss']:.4f}; wrote {out / (name + '.safetensors')}")

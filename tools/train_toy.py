@@ -151,6 +151,11 @@ def backdrops(n: int, rate: float, seed: int, detail: int = 1) -> list:
     return out
 
 
+def render_seed(name: str, seed: int) -> int:
+    """The first render seed of a model's training set in a run with `seed` (item i is drawn with this + i)."""
+    return (seed + 1) * (1 if name == "expert" else 7) * 100_000
+
+
 def render_items(items, seed: int, progress: bool, colours=None) -> torch.Tensor:
     """-> (N, 3, S, S) pixels in [-1, 1]; item i is drawn with seed `seed + i` (and backdrop `colours[i]`)."""
     out = torch.empty(len(items), 3, toyworld.SIZE, toyworld.SIZE)
@@ -507,14 +512,11 @@ def main(argv=None) -> int:
         if not 0 <= rate <= 1:
             print(f"train_toy: error: {flag} {rate} is not a share; pass a number in 0..1", file=sys.stderr)
             return 2
-    if not 1 <= a.expert_rounds <= 10:
-        print(f"train_toy: error: --expert-rounds {a.expert_rounds} is out of range; pass a count in 1..10",
-              file=sys.stderr)
-        return 2
-    if not 1 <= a.backdrop_detail <= 16:
-        print(f"train_toy: error: --backdrop-detail {a.backdrop_detail} is out of range; pass a grid size in 1..16",
-              file=sys.stderr)
-        return 2
+    for flag, value, top, what in (("--expert-rounds", a.expert_rounds, 10, "a count"),
+                                   ("--backdrop-detail", a.backdrop_detail, 16, "a grid size")):
+        if not 1 <= value <= top:
+            print(f"train_toy: error: {flag} {value} is out of range; pass {what} in 1..{top}", file=sys.stderr)
+            return 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -528,7 +530,7 @@ def main(argv=None) -> int:
     items = {"expert": expert_items(a.per_animal), "general": general_items(a.per_pair)}
     if a.vae_from:  # only the sets whose UNets are trained
         items = {k: v for k, v in items.items() if k in a.models}
-    seeds = {k: (a.seed + 1) * (1 if k == "expert" else 7) * 100_000 for k in items}
+    seeds = {k: render_seed(k, a.seed) for k in items}
     rounds = a.expert_rounds if "expert" in items else 1
 
     def detail(r):  # the expert's backdrops in round r: fields of colour in the last round only
@@ -589,7 +591,7 @@ def main(argv=None) -> int:
             if r > 0:  # the next round: new renders (with this round's backdrops) and batches, from the last
                 # round's weights as a checkpoint holds them, as `--init-from LAST --seed SEED+r` would give
                 colours = backdrops(len(items[name]), a.expert_backdrops, a.seed + r, detail(r))
-                m, s = encode(enc, render_items(items[name], (a.seed + r + 1) * 100_000, progress, colours))
+                m, s = encode(enc, render_items(items[name], render_seed(name, a.seed + r), progress, colours))
                 init = tuple(rounded(x) for x in (unet, text))
                 log(f"{name} round {r + 1} of {rounds}: rendered {len(items[name])} (backdrops recoloured: "
                     f"{sum(c is not None for c in colours)}, detail {detail(r)})")

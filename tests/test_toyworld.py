@@ -289,6 +289,45 @@ def test_train_toy_refuses_bad_starting_points_before_writing(args, tmp_path, ca
     assert not (tmp_path / "o").exists()
 
 
+@needs_font
+def test_judge_script_trains_the_judge_train_makes(tmp_path):
+    """`python tools/judge.py` is judge.train on the given checkpoint's VAE as written, saved whole."""
+    from tools import judge, train_toy
+    out = tmp_path / "judge.safetensors"
+    args = ["--vae", str(TOY / "general.safetensors"), "--out", str(out), "--steps", "2", "--images", "6",
+            "--seed", "3", "--quiet"]
+    assert judge.main(args) == 0
+    enc, dec, _ = train_toy.load_vae(TOY / "general.safetensors")
+    ref = judge.train(6, 2, seed=3, progress=False, vae=(enc, dec)).state_dict()
+    got = judge.load(out).state_dict()
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert not all(torch.equal(ref[k], judge.Judge().state_dict()[k]) for k in ref if "weight" in k)
+
+
+@pytest.mark.parametrize("args", [["--vae", "README.md"], ["--vae", str(TOY / "judge.safetensors")],
+                                  ["--steps", "0"], ["--images", "-1"], ["--out", "exists"],
+                                  ["--out", "nofolder/judge.safetensors"]])
+def test_judge_script_refuses_bad_input_before_writing(args, tmp_path, capsys, monkeypatch):
+    from tools import judge
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exists").write_bytes(b"keep")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = args if "--out" in args else [*args, "--out", "j.safetensors"]
+    assert judge.main([*args, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("judge: error: "), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and (tmp_path / "exists").read_bytes() == b"keep"
+
+
+def test_eval_settings_are_picked_by_whole_name_or_by_prefix():
+    from tools import eval_toy
+    assert eval_toy.select(["SNB (defaults)"]) == ["SNB (defaults)"]  # a whole name is that setting alone
+    assert eval_toy.select(["SNB (defaults)", "SNB (defaults),"]) == ["SNB (defaults)", "SNB (defaults), DDIM 50 steps"]
+    assert eval_toy.select(["SNB guidance", "general alone", "SNB guidance 5"]) == \
+        ["SNB guidance 3", "SNB guidance 5", "SNB guidance 10", "general alone"]
+    assert eval_toy.select([""]) == list(eval_toy.SETTINGS) and eval_toy.select(["nothing"]) == []
+
+
 def test_eval_prompts_each_model_as_the_setting_says(monkeypatch):
     """The general model gets the sentence, or only its scene's caption in the "general prompted with its scene"
     rows; the expert always gets its animal."""
@@ -402,10 +441,11 @@ def test_whole_run_trains_what_the_stage_by_stage_path_trains(tmp_path):
     general model as written, in three rounds: the same tensors as training the general model on a written VAE
     (--vae-from) and fine-tuning the expert from its file afterwards (--init-from), one round at a time, each
     from the last round's file with its own seed, which is how the shipped models were made."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
     from tools import train_toy
     tiny = ["--per-animal", "1", "--per-pair", "1", "--vae-steps", "2", "--decoder-steps", "1", "--unet-steps", "3",
-            "--judge-steps", "0", "--quiet", "--threads", "1", "--frozen-embeddings", "general",
+            "--quiet", "--threads", "1", "--frozen-embeddings", "general",
             "--unknown-words", "0.5"]
     assert train_toy.main([*tiny, "--out", str(tmp_path / "whole")]) == 0
     first = str(tmp_path / "whole" / "general.safetensors")
@@ -434,6 +474,12 @@ def test_whole_run_trains_what_the_stage_by_stage_path_trains(tmp_path):
     other = load_file(str(plain / "general.safetensors"))
     gen_two = load_file(general)
     assert not all(torch.equal(gen_two[k], other[k]) for k in gen_two if k.startswith("model."))
+    bf16 = tmp_path / "bf16"  # and so does the precision of the steps
+    assert train_toy.main([*tiny, "--bf16", "--out", str(bf16), "--vae-from", first, "--models", "general"]) == 0
+    other = load_file(str(bf16 / "general.safetensors"))
+    assert not all(torch.equal(gen_two[k], other[k]) for k in gen_two if k.startswith("model."))
+    with safe_open(str(bf16 / "general.safetensors"), "pt") as f:
+        assert "under bfloat16 autocast" in f.metadata()["training"]
     backdrops = tmp_path / "backdrops"  # and so do the expert's backdrops
     assert train_toy.main([*tiny, "--out", str(backdrops), "--models", "expert", "--vae-from", general,
                            "--init-from", general, "--expert-backdrops", "1"]) == 0
@@ -454,7 +500,7 @@ def test_the_expert_records_its_rounds(tmp_path):
     from safetensors import safe_open
     from tools import train_toy
     tiny = ["--per-animal", "1", "--per-pair", "1", "--vae-steps", "2", "--decoder-steps", "1", "--unet-steps", "2",
-            "--judge-steps", "0", "--quiet", "--threads", "1"]
+            "--quiet", "--threads", "1"]
     assert train_toy.main([*tiny, "--out", str(tmp_path / "g"), "--models", "general"]) == 0
     general = str(tmp_path / "g" / "general.safetensors")
     for rounds, words in (("3", "3 rounds of 2 steps"), ("1", "2 steps")):
@@ -465,4 +511,4 @@ def test_the_expert_records_its_rounds(tmp_path):
         with safe_open(str(out / "expert.safetensors"), "pt") as f:
             training = f.metadata()["training"]
         assert training.startswith(words) and "fine-tuned from general.safetensors" in training, training
-        assert "backdrop detail 4" in training, training
+        assert "backdrop detail 4" in training and "autocast" not in training, training

@@ -83,6 +83,13 @@ EXAMPLES = [("lion", "beach"), ("panda", "snow"), ("frog", "meadow"), ("owl", "n
             ("penguin", "underwater")]
 
 
+def select(names: list) -> list:
+    """The settings named, in the order named, each once: a setting's whole name picks that setting alone, any
+    other text every setting whose name starts with it ("SNB guidance" picks 3, 5 and 10; "" picks them all)."""
+    return list(dict.fromkeys(s for x in names for s in ([x] if x in SETTINGS else
+                                                         [s for s in SETTINGS if s.startswith(x)])))
+
+
 def grid():
     """Every (animal, scene) pair of the toy world."""
     return [(a, s) for a in toyworld.EXPERT_OBJECTS for s in toyworld.SCENES]
@@ -168,15 +175,15 @@ def markdown_table(results: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--weights", default=str(ROOT / "weights" / "toy"))
-    p.add_argument("--settings", nargs="*", default=None, help="a subset of the settings, by name prefix, "
-                   "evaluated in the order named")
+    p.add_argument("--settings", nargs="*", default=None, help="a subset of the settings, by whole name or name "
+                   "prefix, evaluated in the order named")
     p.add_argument("--seeds", type=int, default=2, help="initial noises per (animal, scene) pair")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (a setting that names its own keeps them)")
     p.add_argument("--json", default=str(ROOT / "docs" / "toyworld.json"), help="results (merged into the file)")
     p.add_argument("--examples", default=str(ROOT / "docs" / "toyworld-examples.png"),
                    help="the example grid's path (\"\": none)")
     p.add_argument("--example-settings", nargs="*", default=None,
-                   help="the grid's columns, by name prefix (default: the settings evaluated)")
+                   help="the grid's columns, by whole name or name prefix (default: the settings evaluated)")
     p.add_argument("--images", default=None, help="keep every image in this folder (re-scored, not resampled, "
                    "when run again with the same options)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
@@ -190,8 +197,7 @@ def main(argv=None) -> int:
         print(f"eval_toy: error: {e}", file=sys.stderr)
         return 2
     # in the order named: each prefix's matches in table order, once each ("" matches every setting)
-    settings = list(SETTINGS) if a.settings is None else \
-        list(dict.fromkeys(s for x in a.settings for s in SETTINGS if s.startswith(x)))
+    settings = list(SETTINGS) if a.settings is None else select(a.settings)
     if not settings:
         print(f"eval_toy: error: no setting matches {a.settings}; known: {', '.join(SETTINGS)}", file=sys.stderr)
         return 2
@@ -219,8 +225,7 @@ def main(argv=None) -> int:
     results["judge accuracy on unseen renders"] = judge_mod.accuracy(judge)
     out.write_text(json.dumps(results, indent=1))
     if a.examples:
-        columns = settings if a.example_settings is None else \
-            [s for s in SETTINGS if any(s.startswith(x) for x in a.example_settings)]
+        columns = settings if a.example_settings is None else select(a.example_settings)
         example_grid(columns, general, expert, a.seeds, a.steps, a.images, Path(a.examples))
     print(markdown_table({k: v for k, v in results.items() if k in SETTINGS}))
     return 0

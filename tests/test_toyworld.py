@@ -305,7 +305,8 @@ def test_judge_script_trains_the_judge_train_makes(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--vae", "README.md"], ["--vae", str(TOY / "judge.safetensors")],
-                                  ["--steps", "0"], ["--images", "-1"], ["--out", "exists"],
+                                  ["--steps", "0"], ["--images", "-1"], ["--images", "20001"],
+                                  ["--out", "exists"], ["--out", ".", "--overwrite"],
                                   ["--out", "nofolder/judge.safetensors"]])
 def test_judge_script_refuses_bad_input_before_writing(args, tmp_path, capsys, monkeypatch):
     from tools import judge

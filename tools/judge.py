@@ -195,9 +195,12 @@ def main(argv=None) -> int:
     if not checkpoint_has(a.vae, ("first_stage_model.encoder.", "first_stage_model.decoder.", "scale_factor")):
         return fail(f"--vae {a.vae} is not a toy checkpoint with a VAE and its scale factor; pass one written by "
                     "tools/train_toy.py, such as weights/toy/general.safetensors")
-    if a.steps < 1 or a.images < 1:
-        return fail(f"--steps {a.steps} and --images {a.images} must both be at least 1")
+    if not (1 <= a.steps <= 100_000 and 1 <= a.images <= 20_000):  # the images are held in memory: 50 KB each
+        return fail(f"--steps {a.steps} or --images {a.images} is out of range; pass 1..100000 steps and "
+                    "1..20000 images")
     out = Path(a.out)
+    if out.is_dir():
+        return fail(f"--out {out} is a folder; pass the path of the judge file, such as {out / 'judge.safetensors'}")
     if out.exists() and not a.overwrite:
         return fail(f"{out} exists; pass --overwrite to replace it, or another --out")
     if not out.parent.is_dir():

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tools.*` when run as a script
@@ -158,8 +158,9 @@ def accuracy(judge: Judge, n: int = 1000, seed: int = 99, vae=None) -> dict:
     return out
 
 
-def save(judge: Judge, path) -> None:
-    save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(path))
+def save(judge: Judge, path, meta: dict | None = None) -> None:
+    """Write the judge's weights to `path` as safetensors (atomically: a partial file never takes its place)."""
+    write_atomic({k: v.contiguous() for k, v in judge.state_dict().items()}, Path(path), meta or {})
 
 
 def load(path) -> Judge:
@@ -210,9 +211,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     enc, dec, _ = load_vae(a.vae)  # float16 as written, read as float32: the VAE every generated image went through
     judge = train(a.images, a.steps, seed=a.seed, progress=not a.quiet, vae=(enc, dec))
-    write_atomic({k: v.contiguous() for k, v in judge.state_dict().items()}, out,
-                 {"magicfusion": f"toy world judge, tools/judge.py seed {a.seed}, {a.steps} steps on {a.images} "
-                                 f"renders, VAE of {Path(a.vae).name}"})
+    save(judge, out, {"magicfusion": f"toy world judge, tools/judge.py seed {a.seed}, {a.steps} steps on "
+                                     f"{a.images} renders, VAE of {Path(a.vae).name}"})
     print(f"judge: wrote {out} in {time.time() - t0:.0f} s; accuracy on unseen renders: "
           f"{accuracy(judge, n=min(1000, a.images), vae=(enc, dec))}", file=sys.stderr)
     return 0

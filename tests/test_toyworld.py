@@ -174,6 +174,27 @@ def test_unet_training_loss_falls():
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
 
+def test_min_snr_weights_only_the_nearly_clean_timesteps():
+    """Min-SNR-gamma: an image whose timestep has SNR <= gamma keeps weight 1, one above it gets gamma / SNR."""
+    from tools.train_toy import alphas_cumprod, diffusion_loss
+    gen = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    unet, text = (lambda x, t, c: 0.3 * x), (lambda ids: None)  # any prediction with an error to weigh
+    abar = alphas_cumprod()
+    snr = abar / (1 - abar)
+    noisy, clean = int(torch.nonzero(snr < 1)[0]), 0  # SNR about 1 and about 1,200 on SD's schedule
+    assert snr[clean] > 100
+    for t in (noisy, clean):
+        tt = torch.tensor([t, t])
+        plain = diffusion_loss(unet, text, z0, None, tt, noise)
+        weighted = diffusion_loss(unet, text, z0, None, tt, noise, snr_gamma=5.0)
+        expected = plain * (1.0 if t == noisy else 5.0 / snr[t])
+        torch.testing.assert_close(weighted, expected.to(weighted.dtype), rtol=1e-5, atol=0)
+    both = torch.tensor([noisy, clean])  # and per image, not per batch
+    per_image = [diffusion_loss(unet, text, z0[i:i + 1], None, both[i:i + 1], noise[i:i + 1], 5.0) for i in (0, 1)]
+    torch.testing.assert_close(diffusion_loss(unet, text, z0, None, both, noise, 5.0), sum(per_image) / 2)
+
+
 def _tiny_unet_data():
     gen = torch.Generator().manual_seed(0)
     mean = torch.randn(16, 4, 8, 8, generator=gen).sign()
@@ -280,7 +301,8 @@ def test_train_toy_refuses_a_device_it_does_not_have(tmp_path, capsys):
                                   ["--models", "expert"], ["--unknown-words", "2"], ["--unknown-words", "nan"],
                                   ["--expert-backdrops", "-0.1"], ["--expert-backdrops", "nan"],
                                   ["--backdrop-detail", "0"], ["--backdrop-detail", "17"],
-                                  ["--expert-rounds", "0"], ["--expert-rounds", "11"]])
+                                  ["--expert-rounds", "0"], ["--expert-rounds", "11"],
+                                  ["--expert-steps", "0"], ["--expert-min-snr", "-1"], ["--expert-min-snr", "nan"]])
 def test_train_toy_refuses_bad_starting_points_before_writing(args, tmp_path, capsys):
     from tools import train_toy
     assert train_toy.main([*args, "--out", str(tmp_path / "o"), "--quiet"]) == 2
@@ -492,6 +514,11 @@ def test_whole_run_trains_what_the_stage_by_stage_path_trains(tmp_path):
                            "--init-from", general, "--expert-backdrops", "1", "--backdrop-detail", "1"]) == 0
     grid = load_file(str(fields / "expert.safetensors"))
     assert not all(torch.equal(grid[k], other[k]) for k in grid if k.startswith("model."))
+    snr = tmp_path / "snr"  # and so does the expert's loss weighting
+    assert train_toy.main([*tiny, "--out", str(snr), "--models", "expert", "--vae-from", general,
+                           "--init-from", general, "--expert-min-snr", "5"]) == 0
+    other = load_file(str(snr / "expert.safetensors"))
+    assert not all(torch.equal(exp_two[k], other[k]) for k in exp_two if k.startswith("model."))
 
 
 @needs_font
@@ -513,3 +540,10 @@ def test_the_expert_records_its_rounds(tmp_path):
             training = f.metadata()["training"]
         assert training.startswith(words) and "fine-tuned from general.safetensors" in training, training
         assert "backdrop detail 4" in training and "autocast" not in training, training
+        assert "Min-SNR" not in training, training
+    out = tmp_path / "snr"  # the 90-minute recipe's expert options: its own step count and Min-SNR weighting
+    assert train_toy.main([*tiny, "--out", str(out), "--models", "expert", "--vae-from", general, "--init-from",
+                           general, "--expert-rounds", "2", "--expert-steps", "3", "--expert-min-snr", "5"]) == 0
+    with safe_open(str(out / "expert.safetensors"), "pt") as f:
+        training = f.metadata()["training"]
+    assert training.startswith("2 rounds of 3 steps") and "Min-SNR-gamma 5" in training, training

@@ -332,24 +332,32 @@ def replace_objects(ids: torch.Tensor, spans: torch.Tensor, pool: torch.Tensor, 
     return out
 
 
-def diffusion_loss(unet, text, z0, ids, t, noise) -> torch.Tensor:
-    """SD's objective: || eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t, text) ||^2."""
+def diffusion_loss(unet, text, z0, ids, t, noise, snr_gamma: float = 0.0) -> torch.Tensor:
+    """SD's objective: || eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t, text) ||^2.
+    `snr_gamma` > 0 weights each image by min(SNR_t, gamma) / SNR_t, SNR_t = abar_t / (1 - abar_t): Min-SNR-gamma
+    for epsilon prediction (Hang et al. 2023, arXiv 2303.09556, eq. 7 and Table 1), which lowers the weight of the
+    nearly clean timesteps (SNR_t > gamma, here t < 130 or so for gamma 5) and leaves the others at 1."""
     abar = alphas_cumprod().to(z0.device)[t][:, None, None, None]
     x_t = abar.sqrt() * z0 + (1 - abar).sqrt() * noise
-    return F.mse_loss(unet(x_t, t, text(ids)), noise)
+    eps = unet(x_t, t, text(ids))
+    if not snr_gamma:
+        return F.mse_loss(eps, noise)
+    snr = abar / (1 - abar)
+    return (snr.clamp(max=snr_gamma) / snr * (eps.float() - noise) ** 2).mean()
 
 
 def train_unet(mean, std, scale: float, ids: torch.Tensor, uncond: torch.Tensor, vocab_size: int, steps: int,
                batch: int = 32, lr: float = 6e-4, seed: int = 0, dropout: float = 0.1, ema_decay: float = 0.998,
                name: str = "unet", progress: bool = True, log=None, train_text: bool = True, init=None,
                device="cpu", train_embeddings: bool = True, unknown: float = 0.0, spans=None, pool=None,
-               bf16: bool = False):
+               bf16: bool = False, snr_gamma: float = 0.0):
     """Train a UNet with its own text encoder; returns (EMA unet, EMA text encoder, losses), on the CPU.
     `init`: a (unet, text encoder) pair to start from (fine-tuning) instead of a fresh initialisation.
     `train_embeddings=False` keeps the token embedding table as initialised (the rest of the encoder trains);
     `unknown` > 0 applies `replace_objects` with `spans` (from `object_spans`) and `pool` to the captions.
     `bf16`: the forward and backward passes under bfloat16 autocast (convolutions and matrix products in bfloat16,
-    the weights, optimizer and EMA in float32): about 15% less time a step on the 2-core CPU, other weights."""
+    the weights, optimizer and EMA in float32): about 15% less time a step on the 2-core CPU, other weights.
+    `snr_gamma` > 0: the Min-SNR-gamma weighting of `diffusion_loss` (the losses returned are weighted)."""
     torch.manual_seed(seed)
     unet = UNetModel(UNET)
     zero_init_outputs_(unet)
@@ -383,7 +391,7 @@ def train_unet(mean, std, scale: float, ids: torch.Tensor, uncond: torch.Tensor,
         # every random draw comes from the CPU generator, so a GPU run sees the same batches and noise
         z0, b_ids, t, noise = (v.to(device) for v in (z0, b_ids, t, noise))
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-            loss = diffusion_loss(unet, text, z0, b_ids, t, noise)
+            loss = diffusion_loss(unet, text, z0, b_ids, t, noise, snr_gamma)
         optimize(opt, loss, params, cosine_lr(step, steps, lr))
         ema.update()
         losses.append(loss.item())
@@ -453,7 +461,8 @@ def main(argv=None) -> int:
     p.add_argument("--per-pair", type=int, default=60, help="general training images per (scene, object) pair")
     p.add_argument("--vae-steps", type=int, default=1200)
     p.add_argument("--decoder-steps", type=int, default=1000, help="whole-image steps of the decoder alone")
-    p.add_argument("--unet-steps", type=int, default=3000, help="steps of each UNet (and of each expert round)")
+    p.add_argument("--unet-steps", type=int, default=3000,
+                   help="steps of the general UNet (and of each expert round without --expert-steps)")
     p.add_argument("--bf16", action="store_true",
                    help="run the UNets' steps under bfloat16 autocast (default: float32, as the shipped models were "
                         "trained; see docs/toyworld.md for what it saves and costs)")
@@ -484,6 +493,11 @@ def main(argv=None) -> int:
     p.add_argument("--backdrop-detail", type=int, default=4, metavar="K",
                    help="the last round's random backdrops: a smooth field through a k x k grid of random colours, "
                         "k drawn from 1..K (default 4); 1: a plain colour each, as in the earlier rounds")
+    p.add_argument("--expert-steps", type=int, default=None, metavar="N",
+                   help="steps of each expert round (default: --unet-steps)")
+    p.add_argument("--expert-min-snr", type=float, default=0.0, metavar="GAMMA",
+                   help="weight the expert's loss by Min-SNR-gamma (Hang et al. 2023), as SD fine-tuning scripts "
+                        "offer (default 0: plain epsilon MSE, as the shipped models were trained)")
     p.add_argument("--expert-from-scratch", action="store_true",
                    help="train the expert from a fresh initialisation (default: the general model is trained "
                         "first and the expert is fine-tuned from it as written, as real experts are fine-tunes "
@@ -519,7 +533,14 @@ def main(argv=None) -> int:
         if not 0 <= rate <= 1:
             print(f"train_toy: error: {flag} {rate} is not a share; pass a number in 0..1", file=sys.stderr)
             return 2
+    if a.expert_steps is None:
+        a.expert_steps = a.unet_steps
+    if not 0 <= a.expert_min_snr <= 1000:
+        print(f"train_toy: error: --expert-min-snr {a.expert_min_snr:g} is out of range; pass a gamma in 0..1000 "
+              "(5 is the paper's; 0 turns the weighting off)", file=sys.stderr)
+        return 2
     for flag, value, top, what in (("--expert-rounds", a.expert_rounds, 10, "a count"),
+                                   ("--expert-steps", a.expert_steps, 100000, "a step count"),
                                    ("--backdrop-detail", a.backdrop_detail, 16, "a grid size")):
         if not 1 <= value <= top:
             print(f"train_toy: error: {flag} {value} is out of range; pass {what} in 1..{top}", file=sys.stderr)
@@ -602,17 +623,21 @@ def main(argv=None) -> int:
                 init = tuple(rounded(x) for x in (unet, text))
                 log(f"{name} round {r + 1} of {rounds}: rendered {len(items[name])} (backdrops recoloured: "
                     f"{sum(c is not None for c in colours)}, detail {detail(r)})")
-            unet, text, losses = train_unet(m, s, scale, ids, uncond, vocab, a.unet_steps,
+            steps = a.expert_steps if name == "expert" else a.unet_steps
+            unet, text, losses = train_unet(m, s, scale, ids, uncond, vocab, steps,
                                             seed=a.seed + r + (10 if name == "expert" else 11), name=name,
                                             progress=progress, log=log,
                                             train_text=a.frozen_text not in ("both", name), init=init, device=dev,
                                             train_embeddings=a.frozen_embeddings not in ("both", name),
                                             unknown=unknown, pool=pool, bf16=a.bf16,
+                                            snr_gamma=a.expert_min_snr if name == "expert" else 0.0,
                                             spans=object_spans(tok, items[name]) if unknown else None)
         trained[name] = (unet, text)
         meta = {"magicfusion": f"toy world {name} model, tools/train_toy.py seed {a.seed}",
                 "training": (f"{rounds} rounds of " if name == "expert" and rounds > 1 else "")
-                            + f"{a.unet_steps} steps" + (" under bfloat16 autocast" if a.bf16 else "")
+                            + f"{steps} steps" + (" under bfloat16 autocast" if a.bf16 else "")
+                            + (f", Min-SNR-gamma {a.expert_min_snr:g}" if name == "expert" and a.expert_min_snr
+                               else "")
                             + f", final loss {np.mean(losses[-200:]):.4f}"
                             + (f", fine-tuned from {Path(a.init_from or 'general.safetensors').name}"
                                if started_from is not None else "")

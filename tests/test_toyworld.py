@@ -230,6 +230,22 @@ def test_frozen_token_embeddings_stay_while_the_rest_of_the_encoder_trains():
     assert any(not torch.equal(before[k], after[k]) for k in before if ".layers." in k)
 
 
+def test_frozen_down_trains_only_the_output_blocks_and_the_text_encoder():
+    """--expert-frozen-down: the time embedding, input blocks and middle block keep the starting weights exactly
+    (no weight decay either); the output blocks and the text encoder move."""
+    from tools.train_toy import train_unet
+    mean, std, ids, uncond = _tiny_unet_data()
+    kw = dict(vocab_size=64, batch=4, lr=2e-3, progress=False)
+    start = train_unet(mean, std, 1.0, ids, uncond, steps=3, seed=3, **kw)[:2]  # not a zero-initialised output
+    unet, text, _ = train_unet(mean, std, 1.0, ids, uncond, steps=4, seed=4, init=start, frozen_down=True, **kw)
+    before, after = start[0].state_dict(), unet.state_dict()
+    frozen = ("time_embed.", "input_blocks.", "middle_block.")
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(frozen))
+    assert all(not torch.equal(before[k], after[k]) for k in before
+               if k.startswith("output_blocks.") and k.endswith(".weight"))
+    assert any(not torch.equal(a, b) for a, b in zip(start[1].state_dict().values(), text.state_dict().values()))
+
+
 def test_unknown_word_augmentation_swaps_only_the_object_for_untaught_ids(tmp_path):
     """--unknown-words: the object's ids (found by object_spans) give way to one or two ids no caption of either
     model uses; the article before and the scene after stay, the row stays 77 ids padded with eos."""
@@ -302,7 +318,8 @@ def test_train_toy_refuses_a_device_it_does_not_have(tmp_path, capsys):
                                   ["--expert-backdrops", "-0.1"], ["--expert-backdrops", "nan"],
                                   ["--backdrop-detail", "0"], ["--backdrop-detail", "17"],
                                   ["--expert-rounds", "0"], ["--expert-rounds", "11"],
-                                  ["--expert-steps", "0"], ["--expert-min-snr", "-1"], ["--expert-min-snr", "nan"]])
+                                  ["--expert-steps", "0"], ["--expert-min-snr", "-1"], ["--expert-min-snr", "nan"],
+                                  ["--expert-frozen-down", "--expert-from-scratch"]])
 def test_train_toy_refuses_bad_starting_points_before_writing(args, tmp_path, capsys):
     from tools import train_toy
     assert train_toy.main([*args, "--out", str(tmp_path / "o"), "--quiet"]) == 2
@@ -540,10 +557,12 @@ def test_the_expert_records_its_rounds(tmp_path):
             training = f.metadata()["training"]
         assert training.startswith(words) and "fine-tuned from general.safetensors" in training, training
         assert "backdrop detail 4" in training and "autocast" not in training, training
-        assert "Min-SNR" not in training, training
+        assert "Min-SNR" not in training and "blocks frozen" not in training, training
     out = tmp_path / "snr"  # the 90-minute recipe's expert options: its own step count and Min-SNR weighting
     assert train_toy.main([*tiny, "--out", str(out), "--models", "expert", "--vae-from", general, "--init-from",
-                           general, "--expert-rounds", "2", "--expert-steps", "3", "--expert-min-snr", "5"]) == 0
+                           general, "--expert-rounds", "2", "--expert-steps", "3", "--expert-min-snr", "5",
+                           "--expert-frozen-down"]) == 0
     with safe_open(str(out / "expert.safetensors"), "pt") as f:
         training = f.metadata()["training"]
     assert training.startswith("2 rounds of 3 steps") and "Min-SNR-gamma 5" in training, training
+    assert "input and middle blocks frozen" in training, training

@@ -200,7 +200,8 @@ def zero_init_outputs_(unet: UNetModel) -> None:
 
 
 class EMA:
-    """Exponential moving average of parameters, with the usual warm-up (1 + n) / (10 + n)."""
+    """Exponential moving average of parameters, with the usual warm-up (1 + n) / (10 + n). Frozen parameters
+    (requires_grad False) are skipped: their average is their value."""
 
     def __init__(self, modules, decay: float):
         self.decay, self.n = decay, 0
@@ -212,7 +213,9 @@ class EMA:
         self.n += 1
         d = min(self.decay, (1 + self.n) / (10 + self.n))
         for m, s in zip(self.modules, self.shadow):
-            torch._foreach_lerp_(list(s.parameters()), list(m.parameters()), 1 - d)
+            pairs = [(a, p) for a, p in zip(s.parameters(), m.parameters()) if p.requires_grad]
+            if pairs:
+                torch._foreach_lerp_(*map(list, zip(*pairs)), 1 - d)
 
 
 def train_vae(pixels: torch.Tensor, steps: int, batch: int = 16, crop: int = 64, lr: float = 1e-3, seed: int = 0,

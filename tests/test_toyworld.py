@@ -230,6 +230,20 @@ def test_frozen_token_embeddings_stay_while_the_rest_of_the_encoder_trains():
     assert any(not torch.equal(before[k], after[k]) for k in before if ".layers." in k)
 
 
+def test_bfloat16_steps_on_the_cpu_take_the_plain_attention_path():
+    """--bf16 on the CPU: attention runs as the plain softmax(QK^T)V ("math") kernel, not PyTorch's CPU flash
+    kernel, which is 2-6x slower in bfloat16 at these lengths (docs/toyworld.md). The same steps forced onto the
+    math kernel from outside give the same weights; flash attention would round differently."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from tools.train_toy import train_unet
+    mean, std, ids, uncond = _tiny_unet_data()
+    kw = dict(vocab_size=64, batch=4, lr=2e-3, progress=False, steps=3, seed=3, bf16=True)
+    plain = train_unet(mean, std, 1.0, ids, uncond, **kw)[0].state_dict()
+    with sdpa_kernel(SDPBackend.MATH):
+        forced = train_unet(mean, std, 1.0, ids, uncond, **kw)[0].state_dict()
+    assert all(torch.equal(plain[k], forced[k]) for k in plain)
+
+
 def test_frozen_down_trains_only_the_output_blocks_and_the_text_encoder():
     """--expert-frozen-down: the time embedding, input blocks and middle block keep the starting weights exactly
     (no weight decay either); the output blocks and the text encoder move."""

@@ -55,6 +55,7 @@ rounds run one by one give the tensors of a whole run).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import sys
@@ -64,6 +65,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -359,7 +361,8 @@ def train_unet(mean, std, scale: float, ids: torch.Tensor, uncond: torch.Tensor,
     `train_embeddings=False` keeps the token embedding table as initialised (the rest of the encoder trains);
     `unknown` > 0 applies `replace_objects` with `spans` (from `object_spans`) and `pool` to the captions.
     `bf16`: the forward and backward passes under bfloat16 autocast (convolutions and matrix products in bfloat16,
-    the weights, optimizer and EMA in float32): about 15% less time a step on the 2-core CPU, other weights.
+    the weights, optimizer and EMA in float32): about 15% less time a step on the 2-core CPU, other weights. On
+    the CPU its attention takes the plain softmax(QK^T)V kernel (see `attention` below): 5-10% less again.
     `snr_gamma` > 0: the Min-SNR-gamma weighting of `diffusion_loss` (the losses returned are weighted).
     `frozen_down`: the UNet's time embedding, input blocks and middle block keep their `init` weights (no
     gradients, no weight decay); its output blocks and the text encoder train. Backpropagation then stops at the
@@ -385,6 +388,10 @@ def train_unet(mean, std, scale: float, ids: torch.Tensor, uncond: torch.Tensor,
     opt = torch.optim.AdamW(params, lr, weight_decay=0.01)
     ema = EMA([unet, text], ema_decay)
     gen = torch.Generator().manual_seed(seed)
+    # PyTorch's CPU flash-attention kernel is slow in bfloat16 for these short sequences (its backward most: 2-6x
+    # the plain softmax(QK^T)V on the 2-core CPU), so bfloat16 steps on the CPU take the plain ("math") path
+    on_cpu_bf16 = bf16 and torch.device(device).type == "cpu"
+    attention = (lambda: sdpa_kernel(SDPBackend.MATH)) if on_cpu_bf16 else contextlib.nullcontext
     losses = []
     bar = tqdm(range(steps), desc=name, disable=None if progress else True)
     for step in bar:
@@ -400,7 +407,7 @@ def train_unet(mean, std, scale: float, ids: torch.Tensor, uncond: torch.Tensor,
         noise = torch.randn(z0.shape, generator=gen)
         # every random draw comes from the CPU generator, so a GPU run sees the same batches and noise
         z0, b_ids, t, noise = (v.to(device) for v in (z0, b_ids, t, noise))
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16), attention():
             loss = diffusion_loss(unet, text, z0, b_ids, t, noise, snr_gamma)
         optimize(opt, loss, params, cosine_lr(step, steps, lr))
         ema.update()

@@ -202,22 +202,22 @@ def zero_init_outputs_(unet: UNetModel) -> None:
 
 
 class EMA:
-    """Exponential moving average of parameters, with the usual warm-up (1 + n) / (10 + n). Frozen parameters
-    (requires_grad False) are skipped: their average is their value."""
+    """Exponential moving average of parameters, with the usual warm-up (1 + n) / (10 + n). Parameters frozen
+    (requires_grad False) when it is made are skipped: their average is their value."""
 
     def __init__(self, modules, decay: float):
         self.decay, self.n = decay, 0
         self.shadow = [copy.deepcopy(m).requires_grad_(False) for m in modules]
-        self.modules = modules
+        pairs = [(a, p) for s, m in zip(self.shadow, modules) for a, p in zip(s.parameters(), m.parameters())
+                 if p.requires_grad]
+        self.averaged, self.trained = [a for a, _ in pairs], [p for _, p in pairs]
 
     @torch.no_grad()
     def update(self):
         self.n += 1
         d = min(self.decay, (1 + self.n) / (10 + self.n))
-        for m, s in zip(self.modules, self.shadow):
-            pairs = [(a, p) for a, p in zip(s.parameters(), m.parameters()) if p.requires_grad]
-            if pairs:
-                torch._foreach_lerp_(*map(list, zip(*pairs)), 1 - d)
+        if self.trained:
+            torch._foreach_lerp_(self.averaged, self.trained, 1 - d)
 
 
 def train_vae(pixels: torch.Tensor, steps: int, batch: int = 16, crop: int = 64, lr: float = 1e-3, seed: int = 0,
@@ -362,7 +362,7 @@ def train_unet(mean, std, scale: float, ids: torch.Tensor, uncond: torch.Tensor,
     `unknown` > 0 applies `replace_objects` with `spans` (from `object_spans`) and `pool` to the captions.
     `bf16`: the forward and backward passes under bfloat16 autocast (convolutions and matrix products in bfloat16,
     the weights, optimizer and EMA in float32): about 15% less time a step on the 2-core CPU, other weights. On
-    the CPU its attention takes the plain softmax(QK^T)V kernel (see `attention` below): 5-10% less again.
+    the CPU its attention takes the plain softmax(QK^T)V kernel (`attention` below): 5-10% less again.
     `snr_gamma` > 0: the Min-SNR-gamma weighting of `diffusion_loss` (the losses returned are weighted).
     `frozen_down`: the UNet's time embedding, input blocks and middle block keep their `init` weights (no
     gradients, no weight decay); its output blocks and the text encoder train. Backpropagation then stops at the
@@ -391,30 +391,31 @@ def train_unet(mean, std, scale: float, ids: torch.Tensor, uncond: torch.Tensor,
     # PyTorch's CPU flash-attention kernel is slow in bfloat16 for these short sequences (its backward most: 2-6x
     # the plain softmax(QK^T)V on the 2-core CPU), so bfloat16 steps on the CPU take the plain ("math") path
     on_cpu_bf16 = bf16 and torch.device(device).type == "cpu"
-    attention = (lambda: sdpa_kernel(SDPBackend.MATH)) if on_cpu_bf16 else contextlib.nullcontext
+    attention = sdpa_kernel(SDPBackend.MATH) if on_cpu_bf16 else contextlib.nullcontext()
     losses = []
     bar = tqdm(range(steps), desc=name, disable=None if progress else True)
-    for step in bar:
-        idx = torch.randint(0, len(mean), (batch,), generator=gen)
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
-        variant = torch.randint(0, ids.shape[1], (batch,), generator=gen)
-        b_ids = ids[idx, variant]
-        if unknown > 0:  # drawn only when used, so the draws of a run without it are unchanged
-            b_ids = replace_objects(b_ids, spans[idx, variant], pool, unknown, gen)
-        drop = torch.rand(batch, generator=gen) < dropout
-        b_ids = torch.where(drop[:, None], uncond[None], b_ids)
-        t = torch.randint(0, 1000, (batch,), generator=gen)
-        noise = torch.randn(z0.shape, generator=gen)
-        # every random draw comes from the CPU generator, so a GPU run sees the same batches and noise
-        z0, b_ids, t, noise = (v.to(device) for v in (z0, b_ids, t, noise))
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16), attention():
-            loss = diffusion_loss(unet, text, z0, b_ids, t, noise, snr_gamma)
-        optimize(opt, loss, params, cosine_lr(step, steps, lr))
-        ema.update()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if log and step % 200 == 0:
-            log(f"{name} step {step} loss(avg50) {np.mean(losses[-50:]):.4f}")
+    with attention:
+        for step in bar:
+            idx = torch.randint(0, len(mean), (batch,), generator=gen)
+            z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
+            variant = torch.randint(0, ids.shape[1], (batch,), generator=gen)
+            b_ids = ids[idx, variant]
+            if unknown > 0:  # drawn only when used, so the draws of a run without it are unchanged
+                b_ids = replace_objects(b_ids, spans[idx, variant], pool, unknown, gen)
+            drop = torch.rand(batch, generator=gen) < dropout
+            b_ids = torch.where(drop[:, None], uncond[None], b_ids)
+            t = torch.randint(0, 1000, (batch,), generator=gen)
+            noise = torch.randn(z0.shape, generator=gen)
+            # every random draw comes from the CPU generator, so a GPU run sees the same batches and noise
+            z0, b_ids, t, noise = (v.to(device) for v in (z0, b_ids, t, noise))
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                loss = diffusion_loss(unet, text, z0, b_ids, t, noise, snr_gamma)
+            optimize(opt, loss, params, cosine_lr(step, steps, lr))
+            ema.update()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+            if log and step % 200 == 0:
+                log(f"{name} step {step} loss(avg50) {np.mean(losses[-50:]):.4f}")
     return ema.shadow[0].cpu().eval(), ema.shadow[1].cpu().eval(), losses
 
 

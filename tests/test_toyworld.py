@@ -157,6 +157,46 @@ def test_vae_training_loss_falls():
     assert np.mean(losses[-5:]) < 0.85 * np.mean(losses[:5])
 
 
+def test_vae_training_loss_falls_under_bfloat16_too():
+    """--bf16 runs the VAE's crop steps under bfloat16 autocast: the loss still falls, and the steps are not the
+    float32 ones (the flag reaches the networks)."""
+    from tools.train_toy import train_vae
+    gen = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(8, 3, 8, 8, generator=gen), size=64, mode="bilinear") * 2 - 1
+    kw = dict(steps=40, batch=4, crop=32, lr=2e-3, progress=False)
+    enc, _, losses = train_vae(smooth, bf16=True, **kw)
+    assert np.mean(losses[-5:]) < 0.85 * np.mean(losses[:5])
+    plain = train_vae(smooth, **{**kw, "steps": 2})[0].state_dict()
+    fast = train_vae(smooth, bf16=True, **{**kw, "steps": 2})[0].state_dict()
+    assert not all(torch.equal(plain[k], fast[k]) for k in plain)
+
+
+def test_channels_last_encoding_and_decoder_steps_match_the_plain_layout():
+    """--bf16 encodes and fine-tunes the decoder in the channels-last layout (float32: the same arithmetic in
+    another order). The latents agree with the plain layout's to float32 rounding and come back contiguous; the
+    decoder comes back in the plain layout, close to the plain layout's after the same steps, and saves."""
+    from tools.train_toy import VAE, checkpoint_dict, encode, finetune_decoder, rounded
+    from magicfusion.vae import VAEDecoder, VAEEncoder
+    torch.manual_seed(0)
+    enc, dec = VAEEncoder(VAE).eval(), VAEDecoder(VAE)
+    pixels = torch.rand(6, 3, 32, 32) * 2 - 1
+    plain, fast = encode(enc, pixels, batch=4), encode(enc, pixels, batch=4, channels_last=True)
+    for p, f in zip(plain, fast):
+        assert f.is_contiguous()
+        torch.testing.assert_close(f, p, rtol=1e-4, atol=1e-5)
+    kw = dict(steps=3, batch=2, progress=False, lr=1e-4)
+    d_plain, l_plain = finetune_decoder(enc, dec, pixels, **kw)
+    d_fast, l_fast = finetune_decoder(enc, dec, pixels, channels_last=True, **kw)
+    np.testing.assert_allclose(l_fast, l_plain, rtol=1e-4)  # the same function of the same weights, step by step
+    start = rounded(dec).state_dict()  # where the fine-tune starts: the decoder as a checkpoint holds it
+    for (k, a), b in zip(d_plain.state_dict().items(), d_fast.state_dict().values()):
+        assert b.is_contiguous(), k
+        assert b.shape == a.shape
+    assert not all(torch.equal(start[k], v) for k, v in d_fast.state_dict().items())  # it trained
+    assert all(v.is_contiguous() for v in checkpoint_dict(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), enc, d_fast,
+                                                          1.0).values())
+
+
 def test_unet_training_loss_falls():
     from tools.train_toy import diffusion_loss, train_unet, UNET
     gen = torch.Generator().manual_seed(0)
@@ -550,6 +590,25 @@ def test_whole_run_trains_what_the_stage_by_stage_path_trains(tmp_path):
                            "--init-from", general, "--expert-min-snr", "5"]) == 0
     other = load_file(str(snr / "expert.safetensors"))
     assert not all(torch.equal(exp_two[k], other[k]) for k in exp_two if k.startswith("model."))
+
+
+@needs_font
+def test_a_bfloat16_whole_run_trains_what_its_stages_train(tmp_path):
+    """--bf16 takes the scale factor from the latents the UNets learn and encodes in the channels-last layout, in a
+    whole run and on a written VAE alike: the general model of a whole run is the one trained again on its VAE."""
+    from safetensors.torch import load_file
+    from tools import train_toy
+    tiny = ["--per-animal", "1", "--per-pair", "1", "--vae-steps", "2", "--decoder-steps", "1", "--unet-steps", "2",
+            "--quiet", "--threads", "1", "--bf16", "--models", "general"]
+    assert train_toy.main([*tiny, "--out", str(tmp_path / "whole")]) == 0
+    whole = str(tmp_path / "whole" / "general.safetensors")
+    assert train_toy.main([*tiny, "--out", str(tmp_path / "again"), "--vae-from", whole]) == 0
+    a, b = load_file(whole), load_file(str(tmp_path / "again" / "general.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    plain = tmp_path / "plain"  # and the float32 recipe's whole run is another
+    assert train_toy.main([*[x for x in tiny if x != "--bf16"], "--out", str(plain)]) == 0
+    c = load_file(str(plain / "general.safetensors"))
+    assert not torch.equal(a["scale_factor"], c["scale_factor"])
 
 
 @needs_font

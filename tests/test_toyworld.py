@@ -171,30 +171,18 @@ def test_vae_training_loss_falls_under_bfloat16_too():
     assert not all(torch.equal(plain[k], fast[k]) for k in plain)
 
 
-def test_channels_last_encoding_and_decoder_steps_match_the_plain_layout():
-    """--bf16 encodes and fine-tunes the decoder in the channels-last layout (float32: the same arithmetic in
-    another order). The latents agree with the plain layout's to float32 rounding and come back contiguous; the
-    decoder comes back in the plain layout, close to the plain layout's after the same steps, and saves."""
-    from tools.train_toy import VAE, checkpoint_dict, encode, finetune_decoder, rounded
-    from magicfusion.vae import VAEDecoder, VAEEncoder
+def test_channels_last_encoding_matches_the_plain_layout():
+    """--bf16 encodes in the channels-last layout (float32: the same arithmetic in another order). The latents
+    agree with the plain layout's to float32 rounding and come back contiguous."""
+    from tools.train_toy import VAE, encode
+    from magicfusion.vae import VAEEncoder
     torch.manual_seed(0)
-    enc, dec = VAEEncoder(VAE).eval(), VAEDecoder(VAE)
+    enc = VAEEncoder(VAE).eval()
     pixels = torch.rand(6, 3, 32, 32) * 2 - 1
     plain, fast = encode(enc, pixels, batch=4), encode(enc, pixels, batch=4, channels_last=True)
     for p, f in zip(plain, fast):
         assert f.is_contiguous()
         torch.testing.assert_close(f, p, rtol=1e-4, atol=1e-5)
-    kw = dict(steps=3, batch=2, progress=False, lr=1e-4)
-    d_plain, l_plain = finetune_decoder(enc, dec, pixels, **kw)
-    d_fast, l_fast = finetune_decoder(enc, dec, pixels, channels_last=True, **kw)
-    np.testing.assert_allclose(l_fast, l_plain, rtol=1e-4)  # the same function of the same weights, step by step
-    start = rounded(dec).state_dict()  # where the fine-tune starts: the decoder as a checkpoint holds it
-    for (k, a), b in zip(d_plain.state_dict().items(), d_fast.state_dict().values()):
-        assert b.is_contiguous(), k
-        assert b.shape == a.shape
-    assert not all(torch.equal(start[k], v) for k, v in d_fast.state_dict().items())  # it trained
-    assert all(v.is_contiguous() for v in checkpoint_dict(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), enc, d_fast,
-                                                          1.0).values())
 
 
 def test_unet_training_loss_falls():

@@ -29,8 +29,8 @@ its weights differ from run to run):
    renders and batches of its own (round r draws with seed `--seed` + r, exactly as a run with that seed would);
    rounds 1 and 2 paint each backdrop one plain colour, round 3 smooth fields of colour (`--backdrop-detail 4`).
    Each model and each round trains 3,000 steps in float32 (`--bf16`: the VAE's and UNets' steps under bfloat16
-   autocast, the decoder's steps and the encoding in the channels-last layout, and the scale factor from the
-   latents the UNets learn, one encoding pass fewer).
+   autocast, the encoding in the channels-last layout, and the scale factor from the latents the UNets learn,
+   one encoding pass fewer).
 
 The judge that scores the models (tools/judge.py) is not theirs to train: `python tools/judge.py` makes it from
 render() ground truth and the VAE written here.
@@ -257,25 +257,20 @@ def train_vae(pixels: torch.Tensor, steps: int, batch: int = 16, crop: int = 64,
 
 
 def finetune_decoder(enc: VAEEncoder, dec: VAEDecoder, pixels: torch.Tensor, steps: int, batch: int = 8,
-                     lr: float = 5e-4, seed: int = 0, progress: bool = True, log=None, device="cpu",
-                     channels_last: bool = False):
+                     lr: float = 5e-4, seed: int = 0, progress: bool = True, log=None, device="cpu"):
     """Train the decoder alone on whole images, the encoder frozen: the crops of `train_vae` leave colours and the
     image borders short of what whole pictures need. The latents (what the UNets learn) do not change, so this
     stage is independent of the UNets'. It starts from the weights as saved (float16), so the decoder of a written
-    checkpoint can be refined after the fact with the same result. `channels_last` (--bf16's recipe): the
-    convolutions in that memory layout (float32 still, other rounding). A micro-benchmark on the 2-core CPU gave
-    0.73 s a step against 0.93; in the training loop it was no faster (0.75 s against 0.70). Returns (decoder,
-    losses)."""
+    checkpoint can be refined after the fact with the same result. Returns (decoder, losses). (The channels-last
+    layout, faster here in a micro-benchmark, was slower in the training loop: 0.75 s a step against 0.70.)"""
     torch.manual_seed(seed)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    enc = rounded(enc).eval().requires_grad_(False).to(memory_format=layout)
-    dec = rounded(dec).to(memory_format=layout)
+    enc, dec = rounded(enc).eval().requires_grad_(False), rounded(dec)
     opt = torch.optim.AdamW(dec.parameters(), lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     bar = tqdm(range(steps), desc="decoder", disable=None if progress else True)
     for step in bar:
-        x = pixels[torch.randint(0, len(pixels), (batch,), generator=gen)].to(device, memory_format=layout)
+        x = pixels[torch.randint(0, len(pixels), (batch,), generator=gen)].to(device)
         with torch.no_grad():
             mean, logvar = enc(x)
             z = mean + torch.exp(0.5 * logvar) * cpu_randn(mean.shape, gen, device)
@@ -286,7 +281,7 @@ def finetune_decoder(enc: VAEEncoder, dec: VAEDecoder, pixels: torch.Tensor, ste
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if log and step % 100 == 0:
             log(f"decoder step {step} loss {loss.item():.4f}")
-    return dec.eval().to(memory_format=torch.contiguous_format), losses
+    return dec.eval(), losses
 
 
 @torch.no_grad()
@@ -498,8 +493,8 @@ def main(argv=None) -> int:
     p.add_argument("--unet-steps", type=int, default=3000,
                    help="steps of the general UNet (and of each expert round without --expert-steps)")
     p.add_argument("--bf16", action="store_true",
-                   help="the faster CPU recipe: the VAE's and the UNets' steps under bfloat16 autocast, the decoder's "
-                        "steps and the encoding in the channels-last layout, the scale factor from the UNets' "
+                   help="the faster CPU recipe: the VAE's and the UNets' steps under bfloat16 autocast, the encoding "
+                        "in the channels-last layout, the scale factor from the UNets' "
                         "latents (default: float32, as the shipped models were trained; see docs/toyworld.md for "
                         "what it saves and costs)")
     p.add_argument("--models", nargs="+", choices=("general", "expert"), default=["general", "expert"],
@@ -629,7 +624,7 @@ def main(argv=None) -> int:
         enc, dec, vae_losses = train_vae(everything, a.vae_steps, seed=a.seed, progress=progress, log=log, device=dev,
                                          bf16=a.bf16)
         dec, dec_losses = finetune_decoder(enc, dec, everything, a.decoder_steps, seed=a.seed + 3,
-                                           progress=progress, log=log, device=dev, channels_last=a.bf16)
+                                           progress=progress, log=log, device=dev)
         del everything
         # the UNets learn the latents of the encoder as the checkpoints hold it (float16), which is what a run
         # with --vae-from gives them: a whole run and the stage-by-stage path train the same UNets. The float32

@@ -494,9 +494,8 @@ def main(argv=None) -> int:
                    help="steps of the general UNet (and of each expert round without --expert-steps)")
     p.add_argument("--bf16", action="store_true",
                    help="the faster CPU recipe: the VAE's and the UNets' steps under bfloat16 autocast, the encoding "
-                        "in the channels-last layout, the scale factor from the UNets' "
-                        "latents (default: float32, as the shipped models were trained; see docs/toyworld.md for "
-                        "what it saves and costs)")
+                        "in the channels-last layout, the scale factor from the UNets' latents (default: float32, "
+                        "as the shipped models were trained; see docs/toyworld.md for what it saves and costs)")
     p.add_argument("--models", nargs="+", choices=("general", "expert"), default=["general", "expert"],
                    help="the UNets to train (default: both)")
     p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
@@ -627,18 +626,16 @@ def main(argv=None) -> int:
                                            progress=progress, log=log, device=dev)
         del everything
         # the UNets learn the latents of the encoder as the checkpoints hold it (float16), which is what a run
-        # with --vae-from gives them: a whole run and the stage-by-stage path train the same UNets. The float32
-        # recipe sets the scale from a pass of its own over the sets as rendered; --bf16 from the UNets' latents
-        # (one pass fewer: 2.5 minutes less on the 2-core CPU)
-        scale_sets = pixels if not a.bf16 else {}
-        latents = {k: encode(enc, v) for k, v in scale_sets.items()}
-        enc = rounded(enc)
-        unet_latents = {k: encode(enc, v, channels_last=a.bf16) for k, v in unet_pixels.items()}
+        # with --vae-from gives them: a whole run and the stage-by-stage path train the same UNets
+        unrounded, enc = enc, rounded(enc)
+        latents = {k: encode(enc, v, channels_last=a.bf16) for k, v in unet_pixels.items()}
+        # LDM's scale rule: the float32 recipe applies it to a pass of its own (the unrounded encoder, the sets as
+        # rendered); --bf16 to the UNets' latents, one pass fewer (2.5 minutes less on the 2-core CPU)
+        scale_from = latents if a.bf16 else {k: encode(unrounded, v) for k, v in pixels.items()}
         all_z = torch.cat([m + s * torch.randn(m.shape, generator=torch.Generator().manual_seed(a.seed))
-                           for m, s in (latents or unet_latents).values()])
+                           for m, s in scale_from.values()])
         scale = float(1 / all_z.flatten().std())
         log(f"vae: final loss {np.mean(vae_losses[-50:]):.4f}, latent scale factor {scale:.5f}")
-        latents = unet_latents
         report = {"vae_loss": float(np.mean(vae_losses[-50:])), "decoder_loss": float(np.mean(dec_losses[-50:])),
                   "scale_factor": scale}
 

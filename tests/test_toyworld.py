@@ -600,6 +600,32 @@ def test_a_bfloat16_whole_run_trains_what_its_stages_train(tmp_path):
 
 
 @needs_font
+def test_general_float32_keeps_only_the_general_model_out_of_bfloat16(tmp_path, capsys):
+    """--bf16 --general-float32: the general UNet trains in float32 (its weights are the float32 steps', on the
+    bfloat16 run's latents), the expert in bfloat16, and each file says which; without --bf16 the flag is refused."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from tools import train_toy
+    tiny = ["--per-animal", "1", "--per-pair", "1", "--vae-steps", "2", "--decoder-steps", "1", "--unet-steps", "2",
+            "--expert-rounds", "1", "--quiet", "--threads", "1", "--bf16"]
+    split, fast = tmp_path / "split", tmp_path / "fast"
+    assert train_toy.main([*tiny, "--general-float32", "--out", str(split)]) == 0
+    assert train_toy.main([*tiny, "--out", str(fast)]) == 0
+    meta = {}
+    for name in ("general", "expert"):
+        with safe_open(str(split / f"{name}.safetensors"), "pt") as f:
+            meta[name] = f.metadata()["training"]
+    assert "bfloat16" not in meta["general"] and "under bfloat16 autocast" in meta["expert"]
+    a, b = (load_file(str(d / "general.safetensors")) for d in (split, fast))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("first_stage_model."))  # the same VAE
+    assert not all(torch.equal(a[k], b[k]) for k in a if k.startswith("model."))  # other general steps
+    capsys.readouterr()
+    assert train_toy.main([*tiny[:-1], "--general-float32", "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--general-float32" in err[0] and not (tmp_path / "no").exists()
+
+
+@needs_font
 def test_the_expert_records_its_rounds(tmp_path):
     """The shipped expert's recipe, shrunk: the expert alone, fine-tuned from a general checkpoint in three rounds,
     says so in its metadata (and a run of one round says it has one)."""

@@ -656,6 +656,7 @@ def main(argv=None) -> int:
         m, s = latents[name]
         init = None
         unknown = a.unknown_words if name == "general" else 0.0  # the expert's captions hold no word to swap
+        bf16 = a.bf16 and not (name == "general" and a.general_float32)
         if a.init_from:
             init = load_unet_text(a.init_from, vocab)
         elif finetune_expert and name == "expert":
@@ -673,7 +674,6 @@ def main(argv=None) -> int:
                 log(f"{name} round {r + 1} of {rounds}: rendered {len(items[name])} (backdrops recoloured: "
                     f"{sum(c is not None for c in colours)}, detail {detail(r)})")
             steps = a.expert_steps if name == "expert" else a.unet_steps
-            bf16 = a.bf16 and not (name == "general" and a.general_float32)
             unet, text, losses = train_unet(m, s, scale, ids, uncond, vocab, steps,
                                             seed=a.seed + r + (10 if name == "expert" else 11), name=name,
                                             progress=progress, log=log,

@@ -361,6 +361,7 @@ def test_train_toy_refuses_a_device_it_does_not_have(tmp_path, capsys):
                                   ["--backdrop-detail", "0"], ["--backdrop-detail", "17"],
                                   ["--expert-rounds", "0"], ["--expert-rounds", "11"],
                                   ["--expert-steps", "0"], ["--expert-min-snr", "-1"], ["--expert-min-snr", "nan"],
+                                  ["--general-min-snr", "-1"],
                                   ["--expert-frozen-down", "--expert-from-scratch"]])
 def test_train_toy_refuses_bad_starting_points_before_writing(args, tmp_path, capsys):
     from tools import train_toy
@@ -653,3 +654,9 @@ def test_the_expert_records_its_rounds(tmp_path):
         training = f.metadata()["training"]
     assert training.startswith("2 rounds of 3 steps") and "Min-SNR-gamma 5" in training, training
     assert "input and middle blocks frozen" in training, training
+    out = tmp_path / "general-snr"  # the general model's own weighting: other weights, and its file says so
+    assert train_toy.main([*tiny, "--out", str(out), "--models", "general", "--vae-from", general,
+                           "--general-min-snr", "5"]) == 0
+    with safe_open(str(out / "general.safetensors"), "pt") as f, safe_open(general, "pt") as g:
+        assert "Min-SNR-gamma 5" in f.metadata()["training"] and "Min-SNR" not in g.metadata()["training"]
+        assert not all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in g.keys() if k.startswith("model."))

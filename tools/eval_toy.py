@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 import time
@@ -120,9 +121,11 @@ def sampled(setting: str, general, expert, animal: str, scene: str, seeds: int, 
     if paths and all(p.exists() for p in paths):
         return [Image.open(p).convert("RGB") for p in paths]
     images = make_images(kind, dict(kw), general, expert, animal, scene, EVAL_SEED, seeds, steps)
-    for im, p in zip(images, paths):
+    for im, p in zip(images, paths):  # whole files only: another evaluation may be reading the same folder
         p.parent.mkdir(parents=True, exist_ok=True)
-        im.save(p)
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        im.save(tmp, format="PNG")
+        tmp.replace(p)
     return images
 
 

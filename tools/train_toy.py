@@ -28,9 +28,12 @@ its weights differ from run to run):
    fine-tuned in three rounds, each from the last round's weights as a checkpoint holds them, on
    renders and batches of its own (round r draws with seed `--seed` + r, exactly as a run with that seed would);
    rounds 1 and 2 paint each backdrop one plain colour, round 3 smooth fields of colour (`--backdrop-detail 4`).
-   Each model and each round trains 3,000 steps in float32 (`--bf16`: the VAE's and UNets' steps under bfloat16
-   autocast, the encoding in the channels-last layout, and the scale factor from the latents the UNets learn,
-   one encoding pass fewer; `--general-float32` keeps the general model's steps in float32 all the same).
+   The general model trains 2,200 steps and each expert round 2,400, each model's loss weighted by Min-SNR-gamma
+   5 (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"), the VAE's and the UNets'
+   steps under bfloat16 autocast, the encoding in the channels-last layout, and the scale factor taken from the
+   latents the UNets learn: about 90 minutes on a 2-core CPU. `--float32` trains every step in float32 and takes
+   the scale factor from an encoding pass of its own; `--general-float32` keeps only the general model's steps in
+   float32.
 
 The judge that scores the models (tools/judge.py) is not theirs to train: `python tools/judge.py` makes it from
 render() ground truth and the VAE written here.
@@ -41,7 +44,7 @@ share of the swapped object words (default 0.25; 0 for none), `--expert-backdrop
 expert's recoloured backdrops (default 0.5; 0 for none; the VAE always learns the world as rendered),
 `--expert-rounds N` sets the number of the expert's rounds (default 3; 1 for a single one), `--backdrop-detail K`
 the last round's backdrops (smooth fields through k x k random colours, k from 1..K; default 4; 1: plain),
-`--expert-min-snr GAMMA` and `--general-min-snr GAMMA` weight a model's loss by Min-SNR-gamma (default 0: off),
+`--expert-min-snr GAMMA` and `--general-min-snr GAMMA` set a model's Min-SNR-gamma (default 5; 0: plain MSE),
 `--expert-from-scratch` trains the expert from a fresh start instead of fine-tuning it from the general model,
 `--init-from` starts the UNets from a written checkpoint, `--vae-from` skips stages 1-2 and takes a written
 checkpoint's VAE and scale factor, `--models` trains only some UNets.
@@ -288,7 +291,7 @@ def finetune_decoder(enc: VAEEncoder, dec: VAEDecoder, pixels: torch.Tensor, ste
 @torch.no_grad()
 def encode(enc: VAEEncoder, pixels: torch.Tensor, batch: int = 64,
            channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (mean, std) of the unscaled latent Gaussian for every image. `channels_last` (--bf16's recipe): the
+    """-> (mean, std) of the unscaled latent Gaussian for every image. `channels_last` (the bfloat16 recipe's): the
     convolutions in that layout (float32, other rounding): both training sets in 108 s against 153 on the 2-core
     CPU."""
     layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -491,15 +494,14 @@ def main(argv=None) -> int:
     p.add_argument("--per-pair", type=int, default=60, help="general training images per (scene, object) pair")
     p.add_argument("--vae-steps", type=int, default=1200)
     p.add_argument("--decoder-steps", type=int, default=1000, help="whole-image steps of the decoder alone")
-    p.add_argument("--unet-steps", type=int, default=3000,
-                   help="steps of the general UNet (and of each expert round without --expert-steps)")
-    p.add_argument("--bf16", action="store_true",
-                   help="the faster CPU recipe: the VAE's and the UNets' steps under bfloat16 autocast, the encoding "
-                        "in the channels-last layout, the scale factor from the UNets' latents (default: float32, "
-                        "as the shipped models were trained; see docs/toyworld.md for what it saves and costs)")
+    p.add_argument("--unet-steps", type=int, default=2200, help="steps of the general UNet (default 2200)")
+    p.add_argument("--float32", action="store_true",
+                   help="every step in float32 and the scale factor from an encoding pass of its own (default: the "
+                        "VAE's and the UNets' steps under bfloat16 autocast, the encoding in the channels-last "
+                        "layout, the scale factor from the UNets' latents; docs/toyworld.md says what each costs)")
     p.add_argument("--general-float32", action="store_true",
-                   help="with --bf16: train the general UNet in float32 all the same (the VAE and the expert stay in "
-                        "bfloat16); in bfloat16 it lost scenes in three of five runs (docs/toyworld.md)")
+                   help="train the general UNet in float32, the VAE and the expert in bfloat16 (about 3 minutes "
+                        "more on the 2-core CPU)")
     p.add_argument("--models", nargs="+", choices=("general", "expert"), default=["general", "expert"],
                    help="the UNets to train (default: both)")
     p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
@@ -527,15 +529,14 @@ def main(argv=None) -> int:
     p.add_argument("--backdrop-detail", type=int, default=4, metavar="K",
                    help="the last round's random backdrops: a smooth field through a k x k grid of random colours, "
                         "k drawn from 1..K (default 4); 1: a plain colour each, as in the earlier rounds")
-    p.add_argument("--expert-steps", type=int, default=None, metavar="N",
-                   help="steps of each expert round (default: --unet-steps)")
-    p.add_argument("--expert-min-snr", type=float, default=0.0, metavar="GAMMA",
+    p.add_argument("--expert-steps", type=int, default=2400, metavar="N",
+                   help="steps of each expert round (default 2400)")
+    p.add_argument("--expert-min-snr", type=float, default=5.0, metavar="GAMMA",
                    help="weight the expert's loss by Min-SNR-gamma (Hang et al. 2023), as SD fine-tuning scripts "
-                        "offer (default 0: plain epsilon MSE, as the shipped models were trained)")
-    p.add_argument("--general-min-snr", type=float, default=0.0, metavar="GAMMA",
-                   help="weight the general model's loss by Min-SNR-gamma too (default 0: plain epsilon MSE, as "
-                        "the shipped models were trained); 5 took a 2,200-step general model from 73%% to 100%% of "
-                        "its scenes right (docs/toyworld.md)")
+                        "offer (default 5, the paper's; 0: plain epsilon MSE)")
+    p.add_argument("--general-min-snr", type=float, default=5.0, metavar="GAMMA",
+                   help="weight the general model's loss by Min-SNR-gamma (default 5; 0: plain epsilon MSE, which "
+                        "left 2,200-step general models drawing 40-98%% of their scenes right, docs/toyworld.md)")
     p.add_argument("--expert-frozen-down", action="store_true",
                    help="fine-tune only the expert UNet's output blocks (and its text encoder): the time "
                         "embedding, input blocks and middle block stay as the general model has them; a few percent "
@@ -579,12 +580,11 @@ def main(argv=None) -> int:
         if not 0 <= rate <= 1:
             print(f"train_toy: error: {flag} {rate} is not a share; pass a number in 0..1", file=sys.stderr)
             return 2
-    if a.expert_steps is None:
-        a.expert_steps = a.unet_steps
-    if a.general_float32 and not a.bf16:
-        print("train_toy: error: --general-float32 changes only a --bf16 run (without it every step is float32); "
-              "add --bf16 or drop --general-float32", file=sys.stderr)
+    if a.general_float32 and a.float32:
+        print("train_toy: error: --float32 already trains every step in float32; drop --general-float32 (or "
+              "--float32, to keep the VAE and the expert in bfloat16)", file=sys.stderr)
         return 2
+    bf16 = not a.float32
     for flag, gamma in (("--expert-min-snr", a.expert_min_snr), ("--general-min-snr", a.general_min_snr)):
         if not 0 <= gamma <= 1000:
             print(f"train_toy: error: {flag} {gamma:g} is out of range; pass a gamma in 0..1000 (5 is the paper's; "
@@ -625,7 +625,7 @@ def main(argv=None) -> int:
         enc, dec, scale = load_vae(a.vae_from)
         enc, dec = enc.to(dev), dec.to(dev)
         report = {"vae_from": a.vae_from, "scale_factor": scale}
-        latents = {k: encode(enc, v, channels_last=a.bf16) for k, v in unet_pixels.items()}
+        latents = {k: encode(enc, v, channels_last=bf16) for k, v in unet_pixels.items()}
         log(f"vae from {a.vae_from}, latent scale factor {scale:.5f}")
     else:
         # the VAE learns the world as rendered: the expert's images again, without their recoloured backdrops
@@ -634,17 +634,17 @@ def main(argv=None) -> int:
                   for k, v in items.items()}
         everything = torch.cat(list(pixels.values()))
         enc, dec, vae_losses = train_vae(everything, a.vae_steps, seed=a.seed, progress=progress, log=log, device=dev,
-                                         bf16=a.bf16)
+                                         bf16=bf16)
         dec, dec_losses = finetune_decoder(enc, dec, everything, a.decoder_steps, seed=a.seed + 3,
                                            progress=progress, log=log, device=dev)
         del everything
         # the UNets learn the latents of the encoder as the checkpoints hold it (float16), which is what a run
         # with --vae-from gives them: a whole run and the stage-by-stage path train the same UNets
         unrounded, enc = enc, rounded(enc)
-        latents = {k: encode(enc, v, channels_last=a.bf16) for k, v in unet_pixels.items()}
+        latents = {k: encode(enc, v, channels_last=bf16) for k, v in unet_pixels.items()}
         # LDM's scale rule: the float32 recipe applies it to a pass of its own (the unrounded encoder, the sets as
-        # rendered); --bf16 to the UNets' latents, one pass fewer (2.5 minutes less on the 2-core CPU)
-        scale_from = latents if a.bf16 else {k: encode(unrounded, v) for k, v in pixels.items()}
+        # rendered); the bfloat16 one to the UNets' latents, one pass fewer (2.5 minutes less on the 2-core CPU)
+        scale_from = latents if bf16 else {k: encode(unrounded, v) for k, v in pixels.items()}
         all_z = torch.cat([m + s * torch.randn(m.shape, generator=torch.Generator().manual_seed(a.seed))
                            for m, s in scale_from.values()])
         scale = float(1 / all_z.flatten().std())
@@ -662,7 +662,7 @@ def main(argv=None) -> int:
         m, s = latents[name]
         init = None
         unknown = a.unknown_words if name == "general" else 0.0  # the expert's captions hold no word to swap
-        bf16 = a.bf16 and not (name == "general" and a.general_float32)
+        unet_bf16 = bf16 and not (name == "general" and a.general_float32)
         gamma = a.expert_min_snr if name == "expert" else a.general_min_snr
         if a.init_from:
             init = load_unet_text(a.init_from, vocab)
@@ -676,7 +676,7 @@ def main(argv=None) -> int:
                 # round's weights as a checkpoint holds them, as `--init-from LAST --seed SEED+r` would give
                 colours = backdrops(len(items[name]), a.expert_backdrops, a.seed + r, detail(r))
                 m, s = encode(enc, render_items(items[name], render_seed(name, a.seed + r), progress, colours),
-                              channels_last=a.bf16)
+                              channels_last=bf16)
                 init = tuple(rounded(x) for x in (unet, text))
                 log(f"{name} round {r + 1} of {rounds}: rendered {len(items[name])} (backdrops recoloured: "
                     f"{sum(c is not None for c in colours)}, detail {detail(r)})")
@@ -686,14 +686,14 @@ def main(argv=None) -> int:
                                             progress=progress, log=log,
                                             train_text=a.frozen_text not in ("both", name), init=init, device=dev,
                                             train_embeddings=a.frozen_embeddings not in ("both", name),
-                                            unknown=unknown, pool=pool, bf16=bf16,
+                                            unknown=unknown, pool=pool, bf16=unet_bf16,
                                             snr_gamma=gamma,
                                             frozen_down=a.expert_frozen_down and name == "expert",
                                             spans=object_spans(tok, items[name]) if unknown else None)
         trained[name] = (unet, text)
         meta = {"magicfusion": f"toy world {name} model, tools/train_toy.py seed {a.seed}",
                 "training": (f"{rounds} rounds of " if name == "expert" and rounds > 1 else "")
-                            + f"{steps} steps" + (" under bfloat16 autocast" if bf16 else "")
+                            + f"{steps} steps" + (" under bfloat16 autocast" if unet_bf16 else "")
                             + (f", Min-SNR-gamma {gamma:g}" if gamma else "")
                             + (", input and middle blocks frozen" if name == "expert" and a.expert_frozen_down
                                else "")

@@ -207,10 +207,21 @@ def check_parts(unet_sd: dict, clip_sd: dict, vae_sd: dict, name: str) -> None:
                          f"width {unet.context_dim}; the file mixes parts of different models")
 
 
+class SkipInit(torch.overrides.TorchFunctionMode):
+    """Inside it, the initialisers of `torch.nn.init` do nothing. Modules are built on `meta`, where a tensor holds
+    no values to fill, and the checkpoint's tensors replace them; `normal_` on a meta tensor (nn.Embedding's
+    initialiser) would also import torch._dynamo, which takes 1.5-2 s the first time in a process."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
 def build(cls, cfg_cls, sd: dict, part: str, name: str, device, dtype):
     """Infer the config from shapes, build on `meta`, check keys and shapes by name, then move the tensors in."""
     cfg = infer_config(cfg_cls, sd, part, name)
-    with torch.device("meta"):
+    with torch.device("meta"), SkipInit():
         module = cls(cfg)
     expected = module.state_dict()
     missing = sorted(set(expected) - set(sd))

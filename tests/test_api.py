@@ -93,3 +93,22 @@ def test_tokenizer_given_by_environment_must_exist(tmp_path, monkeypatch):
     write_tiny_vocab(tmp_path / "tok")
     monkeypatch.setenv("MAGICFUSION_TOKENIZER", str(tmp_path / "tok"))
     assert magicfusion.load(path).tokenizer.vocab_size < 1000
+
+
+def test_load_builds_its_modules_without_running_initialisers(tmp_path):
+    """`load` builds on `meta` with torch.nn.init skipped (checkpoint.SkipInit): a fresh process that loads a model
+    has not imported torch._dynamo, which meta's normal_ (nn.Embedding's initialiser) imports at a cost of 1.5-2 s,
+    and the initialisers work again once the modules are built."""
+    import subprocess
+    import sys
+    write_tiny_vocab(tmp_path)
+    path = write_checkpoint(tmp_path / "m.safetensors", "tiny", seed=1)
+    code = ("import sys, torch, magicfusion\n"
+            f"m = magicfusion.load({str(path)!r}, tokenizer={str(tmp_path)!r})\n"
+            "assert m.text_encoder.text_model.embeddings.token_embedding.weight.device.type == 'cpu'\n"
+            "assert 'torch._dynamo' not in sys.modules, 'load imported torch._dynamo'\n"
+            "w = torch.zeros(64)\n"
+            "torch.nn.init.normal_(w)\n"
+            "assert w.abs().sum() > 0, 'torch.nn.init is still switched off after load'\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
